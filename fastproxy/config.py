@@ -1,0 +1,280 @@
+"""Configuration: one table of settings, read from the environment and overridden by CLI flags.
+
+Every setting has an environment variable (the original proxy's names are kept) and a flag
+(`--max-clients-total` for MAX_CLIENTS_TOTAL). A bad value stops the start with one line naming
+the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+BYBIT_MAINNET_WS = "wss://stream.bybit.com/v5/public/linear"
+BYBIT_TESTNET_WS = "wss://stream-testnet.bybit.com/v5/public/linear"
+
+
+class ConfigError(ValueError):
+    """A setting with a value it does not accept. str() is the one line shown to the operator."""
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("true or false")
+
+
+def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            upper = f" and at most {high}" if high is not None else ""
+            raise ValueError(f"a whole number of at least {low}{upper}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float = 0.0, *, allow_zero: bool = False) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = float("nan")
+        if not (value > low or (allow_zero and value == low)) or value != value:
+            bound = f"{low:g} or more" if allow_zero else f"more than {low:g}"
+            raise ValueError(f"a number of seconds, {bound}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(" or ".join(options))
+        return value
+
+    return parse
+
+
+def _ws_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("a ws:// or wss:// URL")
+    return raw.strip()
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("an http:// or https:// URL")
+    return raw.strip().rstrip("/")
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("a redis://, rediss:// or unix:// URL, or empty for one node")
+    return value
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+    @property
+    def attr(self) -> str:
+        return self.env.lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("HOST", _text, "0.0.0.0", "address to listen on"),
+    Setting("PORT", _int_range(0, 65535), "8000", "port for WS /ws and the HTTP endpoints"),
+    Setting("REDIS_URL", _redis_url, "", "Redis for cluster mode; empty: one node, in-memory bus"),
+    Setting("REDIS_MAX_CONNECTIONS", _int_range(1), "50", "Redis connection pool size"),
+    Setting("DEBUG", _bool, "false", "debug logging"),
+    Setting("ENVIRONMENT", _text, "production", "environment name shown in logs and /"),
+    Setting("LOG_FORMAT", _choice("json", "text"), "json", "log line format: json or text"),
+    Setting("MAX_CLIENTS_TOTAL", _int_range(1), "10000", "most clients connected at once"),
+    Setting(
+        "MAX_SUBSCRIPTIONS_PER_CLIENT", _int_range(1), "100", "most streams one client may hold"
+    ),
+    Setting(
+        "MAX_MESSAGE_RATE_PER_CLIENT",
+        _int_range(1),
+        "100",
+        "most frames a client may send a second",
+    ),
+    Setting(
+        "CLIENT_IDLE_TIMEOUT",
+        _seconds(),
+        "300",
+        "seconds without any frame from a client before it is closed (4000)",
+    ),
+    Setting(
+        "FANOUT_CALLBACK_TIMEOUT",
+        _seconds(),
+        "5",
+        "seconds a client may stay over the soft write-buffer mark before it is dropped (4008)",
+    ),
+    Setting(
+        "WRITE_BUFFER_SOFT_LIMIT", _int_range(1024), "262144", "bytes unread by a client: soft mark"
+    ),
+    Setting(
+        "WRITE_BUFFER_HARD_LIMIT",
+        _int_range(1024),
+        "4194304",
+        "bytes unread by a client: closed with 4008 at once",
+    ),
+    Setting(
+        "UNSUBSCRIBE_LINGER",
+        _seconds(allow_zero=True),
+        "5",
+        "seconds a stream is kept upstream after its last subscriber leaves",
+    ),
+    Setting(
+        "UPSTREAM_DOWN_THRESHOLD",
+        _seconds(allow_zero=True),
+        "30",
+        "seconds the upstream may be down before /health says degraded",
+    ),
+    Setting("BYBIT_WS_URL", _ws_url, BYBIT_MAINNET_WS, "Bybit V5 public linear WebSocket URL"),
+    Setting("BYBIT_TESTNET", _bool, "false", "use Bybit testnet when BYBIT_WS_URL is not set"),
+    Setting(
+        "BYBIT_REST_URL",
+        lambda raw: _http_url(raw) if raw.strip() else "",
+        "",
+        "REST base for the symbol list; empty: derived from BYBIT_WS_URL",
+    ),
+    Setting("UPSTREAM_PING_INTERVAL", _seconds(), "20", "seconds between JSON pings to Bybit"),
+    Setting(
+        "UPSTREAM_TOPICS_PER_CONNECTION",
+        _int_range(1),
+        "200",
+        "most topics on one Bybit connection",
+    ),
+    Setting(
+        "SHUTDOWN_TIMEOUT", _seconds(), "10", "seconds a graceful stop may take before exiting"
+    ),
+)
+
+_BY_ENV = {s.env: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    redis_url: str = ""
+    redis_max_connections: int = 50
+    debug: bool = False
+    environment: str = "production"
+    log_format: str = "json"
+    max_clients_total: int = 10000
+    max_subscriptions_per_client: int = 100
+    max_message_rate_per_client: int = 100
+    client_idle_timeout: float = 300.0
+    fanout_callback_timeout: float = 5.0
+    write_buffer_soft_limit: int = 262144
+    write_buffer_hard_limit: int = 4194304
+    unsubscribe_linger: float = 5.0
+    upstream_down_threshold: float = 30.0
+    bybit_ws_url: str = BYBIT_MAINNET_WS
+    bybit_testnet: bool = False
+    bybit_rest_url: str = ""
+    upstream_ping_interval: float = 20.0
+    upstream_topics_per_connection: int = 200
+    shutdown_timeout: float = 10.0
+    demo: bool = field(default=False)
+
+    def replace(self, **changes: Any) -> Config:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Config(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; the flag's value wins over the environment."""
+    group = parser.add_argument_group("settings (each also read from the environment variable)")
+    for setting in SETTINGS:
+        group.add_argument(
+            setting.flag,
+            dest=setting.attr,
+            metavar=setting.env,
+            default=None,
+            help=f"{setting.help} (env {setting.env}, default {setting.default or 'empty'!r})",
+        )
+
+
+def load(
+    flags: Mapping[str, str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a Config from flags (by attribute name) over environment variables over defaults."""
+    environ = os.environ if environ is None else environ
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        from_flag = flags.get(setting.attr)
+        if from_flag is not None:
+            raw, source = from_flag, setting.flag
+        elif setting.env in environ:
+            raw, source = environ[setting.env], setting.env
+        else:
+            raw, source = setting.default, setting.env
+        try:
+            values[setting.attr] = setting.parse(raw)
+        except ValueError as exc:
+            shown = raw if len(raw) <= 60 else raw[:57] + "..."
+            raise ConfigError(f"{source}={shown!r} is not valid: expected {exc}") from None
+    url_given = flags.get("bybit_ws_url") is not None or "BYBIT_WS_URL" in environ
+    if values["bybit_testnet"] and not url_given:
+        values["bybit_ws_url"] = BYBIT_TESTNET_WS
+    if values["write_buffer_soft_limit"] > values["write_buffer_hard_limit"]:
+        raise ConfigError(
+            "WRITE_BUFFER_SOFT_LIMIT must not be larger than WRITE_BUFFER_HARD_LIMIT "
+            f"({values['write_buffer_soft_limit']} > {values['write_buffer_hard_limit']})"
+        )
+    return Config(**values)
+
+
+def setting(env: str) -> Setting:
+    return _BY_ENV[env]
+
+
+def config_from_args(
+    namespace: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Config:
+    flags = {s.attr: getattr(namespace, s.attr, None) for s in SETTINGS}
+    return load(flags, environ)
+
+
+def describe(settings: Sequence[Setting] = SETTINGS) -> str:
+    """The settings table as Markdown, for the README."""
+    rows = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
+    for s in settings:
+        rows.append(f"| `{s.env}` | `{s.flag}` | `{s.default}` | {s.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,273 @@
+"""The client protocol (v1): parse requests, plan subscriptions, build replies. Sans-I/O.
+
+The wire contract is docs/protocol.md (a copy of the reference we serve). Nothing here touches a
+socket: the server feeds frames in and writes the bytes that come out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from fastproxy.streams import Stream, StreamError, parse_stream_arg
+
+OP_SUBSCRIBE = "subscribe"
+OP_UNSUBSCRIBE = "unsubscribe"
+OP_PING = "ping"
+OPS = (OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_PING)
+
+INVALID_JSON = "INVALID_JSON"
+UNKNOWN_OP = "UNKNOWN_OP"
+INVALID_ARGS = "INVALID_ARGS"
+LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
+UPSTREAM_REJECTED = "UPSTREAM_REJECTED"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_BIG = 1009
+CLOSE_IDLE = 4000
+CLOSE_CONNECTION_LIMIT = 4003
+CLOSE_TOO_SLOW = 4008
+CLOSE_FLOODING = 4029
+
+MAX_FRAME_SIZE = 64 * 1024
+# A request may not name more args than this, however high MAX_SUBSCRIPTIONS_PER_CLIENT is set:
+# it bounds the work one frame can cause.
+MAX_ARGS_PER_REQUEST = 1000
+MAX_ARG_LENGTH = 64
+MAX_REQ_ID_LENGTH = 128
+
+
+class RequestError(Exception):
+    """A request we answer with an error reply. `message` is safe to show the client."""
+
+    def __init__(self, code: str, message: str, req_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.req_id = req_id
+
+
+@dataclass(slots=True)
+class Request:
+    op: str
+    args: list[str] = field(default_factory=list)
+    req_id: Any = None  # None: the client sent none, and none is echoed
+
+
+def _valid_req_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return len(value) <= MAX_REQ_ID_LENGTH
+    return isinstance(value, int | float)
+
+
+def parse_request(payload: bytes | str, max_args: int = MAX_ARGS_PER_REQUEST) -> Request:
+    """Decode one text frame into a Request, or raise RequestError with the code to answer."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise RequestError(INVALID_JSON, "Message must be a JSON object") from None
+    if not isinstance(obj, dict):
+        raise RequestError(INVALID_JSON, "Message must be a JSON object")
+    req_id = obj.get("req_id")
+    if req_id is not None and not _valid_req_id(req_id):
+        raise RequestError(
+            INVALID_ARGS, f"req_id must be a string of at most {MAX_REQ_ID_LENGTH} or a number"
+        )
+    op = obj.get("op")
+    if op not in OPS:
+        message = "Missing 'op'" if op is None else "Unknown op; use subscribe, unsubscribe or ping"
+        raise RequestError(UNKNOWN_OP, message, req_id)
+    if op == OP_PING:
+        return Request(op, [], req_id)
+    args = obj.get("args")
+    if not isinstance(args, list) or not args:
+        raise RequestError(INVALID_ARGS, "'args' must be a non-empty list of strings", req_id)
+    if not all(isinstance(a, str) for a in args):
+        raise RequestError(INVALID_ARGS, "'args' must be a non-empty list of strings", req_id)
+    limit = min(max_args, MAX_ARGS_PER_REQUEST)
+    if len(args) > limit:
+        raise RequestError(INVALID_ARGS, f"At most {limit} args per request", req_id)
+    return Request(op, args, req_id)
+
+
+@dataclass(slots=True)
+class SubscribePlan:
+    accepted: list[str]  # args as the client wrote them
+    new_streams: list[Stream]  # streams the client does not hold yet, in request order
+    rejected: list[dict[str, str]]
+
+
+def plan_subscribe(
+    args: list[str],
+    held: Collection[Stream],
+    max_subscriptions: int,
+    symbol_known: Callable[[str], bool | None] | None = None,
+    req_id: Any = None,
+) -> SubscribePlan:
+    """Decide what a subscribe request does. Raises RequestError(LIMIT_EXCEEDED) if the request
+    would take the client past its cap; then nothing of it is applied."""
+    accepted: list[str] = []
+    new_streams: list[Stream] = []
+    rejected: list[dict[str, str]] = []
+    seen: set[Stream] = set()
+    for arg in args:
+        if len(arg) > MAX_ARG_LENGTH:
+            rejected.append({"arg": arg[:MAX_ARG_LENGTH] + "...", "reason": "stream name too long"})
+            continue
+        try:
+            stream = parse_stream_arg(arg)
+        except StreamError as exc:
+            rejected.append({"arg": arg, "reason": str(exc)})
+            continue
+        if symbol_known is not None and symbol_known(stream.symbol) is False:
+            rejected.append({"arg": arg, "reason": f"unknown symbol {stream.symbol}"})
+            continue
+        accepted.append(arg)
+        if stream not in held and stream not in seen:
+            seen.add(stream)
+            new_streams.append(stream)
+    if len(held) + len(new_streams) > max_subscriptions:
+        raise RequestError(
+            LIMIT_EXCEEDED,
+            f"Subscription limit is {max_subscriptions} streams per connection; "
+            f"you hold {len(held)} and asked for {len(new_streams)} more",
+            req_id,
+        )
+    return SubscribePlan(accepted, new_streams, rejected)
+
+
+@dataclass(slots=True)
+class UnsubscribePlan:
+    accepted: list[str]
+    streams: list[Stream]
+    rejected: list[dict[str, str]]
+
+
+def plan_unsubscribe(args: list[str], held: Collection[Stream]) -> UnsubscribePlan:
+    accepted: list[str] = []
+    streams: list[Stream] = []
+    rejected: list[dict[str, str]] = []
+    seen: set[Stream] = set()
+    for arg in args:
+        try:
+            stream = parse_stream_arg(arg)
+        except StreamError as exc:
+            rejected.append({"arg": arg[: MAX_ARG_LENGTH + 3], "reason": str(exc)})
+            continue
+        if stream not in held:
+            rejected.append({"arg": arg, "reason": "not subscribed"})
+            continue
+        accepted.append(arg)
+        if stream not in seen:
+            seen.add(stream)
+            streams.append(stream)
+    return UnsubscribePlan(accepted, streams, rejected)
+
+
+def _with_req_id(reply: dict[str, Any], req_id: Any) -> bytes:
+    if req_id is not None:
+        reply["req_id"] = req_id
+    return orjson.dumps(reply)
+
+
+def subscribe_reply(plan: SubscribePlan, req_id: Any = None) -> bytes:
+    return _with_req_id(
+        {
+            "op": OP_SUBSCRIBE,
+            "success": bool(plan.accepted),
+            "args": plan.accepted,
+            "message": f"Subscribed to {len(plan.accepted)} streams",
+            "rejected": plan.rejected or None,
+        },
+        req_id,
+    )
+
+
+def unsubscribe_reply(plan: UnsubscribePlan, req_id: Any = None) -> bytes:
+    return _with_req_id(
+        {
+            "op": OP_UNSUBSCRIBE,
+            "success": bool(plan.accepted),
+            "args": plan.accepted,
+            "message": f"Unsubscribed from {len(plan.accepted)} streams",
+            "rejected": plan.rejected or None,
+        },
+        req_id,
+    )
+
+
+def pong_reply(now_ms: int, req_id: Any = None) -> bytes:
+    return _with_req_id({"op": "pong", "timestamp": now_ms}, req_id)
+
+
+def error_reply(
+    code: str, message: str, req_id: Any = None, args: list[str] | None = None
+) -> bytes:
+    reply: dict[str, Any] = {"op": "error", "code": code, "message": message}
+    if args is not None:
+        reply["args"] = args
+    return _with_req_id(reply, req_id)
+
+
+class TokenBucket:
+    """Frames a client may send: `rate` a second, bursts up to `rate`. Monotonic seconds."""
+
+    __slots__ = ("_last", "_tokens", "rate")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self._tokens = float(rate)
+        self._last = now
+
+    def take(self, now: float) -> bool:
+        tokens = self._tokens + (now - self._last) * self.rate
+        self._last = now
+        if tokens > self.rate:
+            tokens = self.rate
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        return False
+
+
+class FloodGuard:
+    """Rate limit with the protocol's rules: one RATE_LIMIT_EXCEEDED a second at most, and the
+    client is closed once it has kept flooding for `close_after` seconds."""
+
+    __slots__ = ("_bucket", "_flood_since", "_last_refused", "_last_warned", "close_after")
+
+    OK = 0
+    DROP = 1  # refuse the frame silently
+    WARN = 2  # refuse it and send RATE_LIMIT_EXCEEDED
+    CLOSE = 3  # close with 4029
+
+    def __init__(self, rate: float, now: float, close_after: float = 10.0) -> None:
+        self._bucket = TokenBucket(rate, now)
+        self.close_after = close_after
+        self._last_warned = -1e18
+        self._last_refused = -1e18
+        self._flood_since: float | None = None
+
+    def check(self, now: float) -> int:
+        if self._bucket.take(now):
+            # A second with no refusal ends a flood.
+            if self._flood_since is not None and now - self._last_refused > 1.0:
+                self._flood_since = None
+            return self.OK
+        if self._flood_since is None or now - self._last_refused > 1.0:
+            self._flood_since = now
+        self._last_refused = now
+        if now - self._flood_since >= self.close_after:
+            return self.CLOSE
+        if now - self._last_warned >= 1.0:
+            self._last_warned = now
+            return self.WARN
+        return self.DROP

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from fastproxy.config import BYBIT_MAINNET_WS, BYBIT_TESTNET_WS, ConfigError, load
+
+
+def test_defaults_match_the_original() -> None:
+    config = load({}, {})
+    assert config.redis_url == ""
+    assert config.redis_max_connections == 50
+    assert config.max_clients_total == 10000
+    assert config.max_subscriptions_per_client == 100
+    assert config.max_message_rate_per_client == 100
+    assert config.client_idle_timeout == 300
+    assert config.fanout_callback_timeout == 5
+    assert config.environment == "production"
+    assert config.debug is False
+    assert config.bybit_ws_url == BYBIT_MAINNET_WS
+
+
+def test_flags_win_over_env() -> None:
+    env = {"PORT": "9000", "MAX_CLIENTS_TOTAL": "5", "DEBUG": "yes"}
+    config = load({"port": "9100"}, env)
+    assert (config.port, config.max_clients_total, config.debug) == (9100, 5, True)
+
+
+def test_testnet_only_when_no_url_given() -> None:
+    assert load({}, {"BYBIT_TESTNET": "true"}).bybit_ws_url == BYBIT_TESTNET_WS
+    url = "ws://127.0.0.1:9001/v5/public/linear"
+    assert load({}, {"BYBIT_TESTNET": "true", "BYBIT_WS_URL": url}).bybit_ws_url == url
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"PORT": "http"}, "PORT='http' is not valid: expected a whole number"),
+        ({"MAX_CLIENTS_TOTAL": "0"}, "MAX_CLIENTS_TOTAL='0'"),
+        ({"CLIENT_IDLE_TIMEOUT": "-1"}, "CLIENT_IDLE_TIMEOUT"),
+        ({"CLIENT_IDLE_TIMEOUT": "nan"}, "CLIENT_IDLE_TIMEOUT"),
+        ({"DEBUG": "maybe"}, "DEBUG='maybe' is not valid: expected true or false"),
+        ({"LOG_FORMAT": "xml"}, "json or text"),
+        ({"BYBIT_WS_URL": "https://x"}, "ws:// or wss://"),
+        ({"REDIS_URL": "http://x"}, "redis://"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({}, env)
+    assert words in str(info.value)
+
+
+def test_bad_flag_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--port='x'"):
+        load({"port": "x"}, {})
+
+
+def test_cli_bad_value_is_one_line_without_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fastproxy", "--max-clients-total", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--max-clients-total='lots'" in lines[0] and "Traceback" not in result.stderr
