@@ -1,0 +1,5 @@
+import sys
+
+from fastproxy.sim.cli import main
+
+sys.exit(main())
