@@ -1,0 +1,826 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: cdivision=True, embedsignature=True, auto_pickle=False
+"""Cython twin of fastproxy.codec.pure: the same codecs, the same output bytes, less work.
+
+The pure codecs build a dict per Message and hand it to orjson. Here the payload is written
+straight into one C buffer, which also leaves room in front for the WebSocket header, so the
+frame and the payload are two copies of one buffer. Ticker values are kept as ready-made JSON
+fragments (quoted, escaped) that change only when the exchange sends a new value, so a ticker
+delta costs a few dict lookups, one fragment per changed field and some memcpy.
+
+Strings are written by hand only when they are pure ASCII with nothing to escape (every
+exchange number); anything else goes through orjson.dumps, so escaping can never differ from
+the pure implementation. The error type and the field tables come from
+fastproxy.codec._common, shared with the pure codecs; Message is a cdef twin of the pure one
+(a Python class call per Message cost about a fifth of a ticker delta).
+tests/test_codec_diff.py compares the two implementations byte for byte.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Next
+from cpython.object cimport PyObject
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
+
+import orjson
+
+from fastproxy.codec._common import (
+    TICKER_ASK_PRICE,
+    TICKER_ASK_SIZE,
+    TICKER_BID_PRICE,
+    TICKER_BID_SIZE,
+    TICKER_FIELDS,
+    TICKER_NSLOTS,
+    TICKER_PCT,
+    TICKER_SLOT,
+    CodecError,
+    as_snapshot,
+    envelope_prefix,
+)
+from fastproxy.streams import KLINE, TICKER, TRADE
+
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+    void* PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    bint PyUnicode_CheckExact(object o)
+    bint PyDict_CheckExact(object o)
+    bint PyList_CheckExact(object o)
+    bint PyLong_CheckExact(object o)
+    long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
+    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
+    Py_ssize_t PyList_GET_SIZE(object o)
+    PyObject* PyList_GET_ITEM(object o, Py_ssize_t i)
+    PyObject* PyDict_GetItemWithError(object d, object k) except? NULL
+    # borrowed-pointer twins of the bytes macros: no refcount traffic in the assembly loops
+    char* ptr_bytes_data "PyBytes_AS_STRING" (PyObject* o)
+    Py_ssize_t ptr_bytes_len "PyBytes_GET_SIZE" (PyObject* o)
+
+
+cdef object _dumps = orjson.dumps
+cdef str SNAPSHOT = "snapshot"
+cdef str UPDATE = "update"
+
+# -- the output buffer --------------------------------------------------------------------------
+# Lives on the C stack of one feed() call, so codecs hold no buffer memory between frames and
+# nothing is shared between calls. Big trade batches spill to the heap.
+
+cdef enum:
+    LOCAL_CAP = 4096
+    HEAD = 10  # room for the longest WebSocket header (1 + 1 + 8 bytes)
+
+cdef struct Buf:
+    char* p
+    Py_ssize_t n
+    Py_ssize_t cap
+    char local[4096]
+
+
+cdef inline void buf_init(Buf* b) noexcept:
+    b.p = b.local
+    b.n = HEAD
+    b.cap = LOCAL_CAP
+
+
+cdef inline void buf_free(Buf* b) noexcept:
+    if b.p != b.local:
+        free(b.p)
+        b.p = b.local
+
+
+cdef int buf_grow(Buf* b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap = b.cap * 2
+    cdef char* q
+    if cap < b.n + extra:
+        cap = b.n + extra
+    if b.p == b.local:
+        q = <char*>malloc(cap)
+        if q != NULL:
+            memcpy(q, b.local, b.n)
+    else:
+        q = <char*>realloc(b.p, cap)
+    if q == NULL:
+        raise MemoryError()
+    b.p = q
+    b.cap = cap
+    return 0
+
+
+cdef inline int buf_put(Buf* b, const char* s, Py_ssize_t k) except -1:
+    if b.n + k > b.cap:
+        buf_grow(b, k)
+    memcpy(b.p + b.n, s, k)
+    b.n += k
+    return 0
+
+
+cdef inline int buf_bytes(Buf* b, bytes x) except -1:
+    return buf_put(b, PyBytes_AS_STRING(x), PyBytes_GET_SIZE(x))
+
+
+cdef char DIGITS2[201]
+for _i in range(100):
+    DIGITS2[2 * _i] = 48 + _i // 10
+    DIGITS2[2 * _i + 1] = 48 + _i % 10
+
+
+cdef int buf_int(Buf* b, int64_t v) except -1:
+    # Two digits per division: exchange times have 13 digits and every Message carries one.
+    cdef char tmp[24]
+    cdef int i = 24
+    cdef uint64_t u, r
+    if v < 0:
+        u = <uint64_t>(-(v + 1)) + 1
+    else:
+        u = <uint64_t>v
+    while u >= 100:
+        r = u % 100
+        u //= 100
+        i -= 2
+        tmp[i] = DIGITS2[2 * r]
+        tmp[i + 1] = DIGITS2[2 * r + 1]
+    if u >= 10:
+        i -= 2
+        tmp[i] = DIGITS2[2 * u]
+        tmp[i + 1] = DIGITS2[2 * u + 1]
+    else:
+        i -= 1
+        tmp[i] = <char>(48 + u)
+    if v < 0:
+        i -= 1
+        tmp[i] = 45  # '-'
+    return buf_put(b, tmp + i, 24 - i)
+
+
+cdef inline bint plain_ascii(const unsigned char* s, Py_ssize_t n) noexcept:
+    # True when the JSON string needs no escape: no control character, quote or backslash.
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(n):
+        c = s[i]
+        if c < 0x20 or c == 0x22 or c == 0x5C:
+            return False
+    return True
+
+
+cdef bytes dumps_str(object s):
+    try:
+        return _dumps(s)
+    except TypeError:  # orjson refuses lone surrogates, as the pure codec's check_str does
+        raise CodecError("string is not valid UTF-8") from None
+
+
+cdef int buf_str(Buf* b, object s) except -1:
+    """Append the exact str `s` as a JSON string, byte-identical to orjson."""
+    cdef Py_ssize_t n
+    cdef const unsigned char* d
+    if PyUnicode_IS_ASCII(s):
+        n = PyUnicode_GET_LENGTH(s)
+        d = <const unsigned char*>PyUnicode_DATA(s)
+        if plain_ascii(d, n):
+            if b.n + n + 2 > b.cap:
+                buf_grow(b, n + 2)
+            b.p[b.n] = 0x22
+            memcpy(b.p + b.n + 1, d, n)
+            b.p[b.n + n + 1] = 0x22
+            b.n += n + 2
+            return 0
+    return buf_bytes(b, dumps_str(s))
+
+
+cdef bytes str_frag(object s, bytes key):
+    """`key` followed by the exact str `s` as a JSON string: one ready-to-copy fragment."""
+    cdef Py_ssize_t n, k = PyBytes_GET_SIZE(key)
+    cdef const unsigned char* d
+    cdef bytes out
+    cdef char* p
+    if PyUnicode_IS_ASCII(s):
+        n = PyUnicode_GET_LENGTH(s)
+        d = <const unsigned char*>PyUnicode_DATA(s)
+        if plain_ascii(d, n):
+            out = PyBytes_FromStringAndSize(NULL, k + n + 2)
+            p = PyBytes_AS_STRING(out)
+            memcpy(p, PyBytes_AS_STRING(key), k)
+            p[k] = 0x22
+            memcpy(p + k + 1, d, n)
+            p[k + n + 1] = 0x22
+            return out
+    return key + dumps_str(s)
+
+
+cdef Message buf_message(Buf* b, str stream_id, int64_t seq, str mtype, object ts):
+    """Finish the payload in `b` into a Message: header written in front, two copies out."""
+    cdef Py_ssize_t plen = b.n - HEAD
+    cdef Py_ssize_t h
+    cdef unsigned char* p
+    cdef int i
+    cdef Message m
+    if plen < 126:
+        h = 2
+        p = <unsigned char*>(b.p + HEAD - h)
+        p[1] = <unsigned char>plen
+    elif plen < 0x10000:
+        h = 4
+        p = <unsigned char*>(b.p + HEAD - h)
+        p[1] = 126
+        p[2] = <unsigned char>(plen >> 8)
+        p[3] = <unsigned char>(plen & 0xFF)
+    else:
+        h = 10
+        p = <unsigned char*>(b.p + HEAD - h)
+        p[1] = 127
+        for i in range(8):
+            p[2 + i] = <unsigned char>((<uint64_t>plen >> (56 - 8 * i)) & 0xFF)
+    p[0] = 0x81
+    m = Message.__new__(Message)  # skips __init__: the fields are set right here
+    m.stream_id = stream_id
+    m.seq = seq
+    m.type = mtype
+    m.ts = ts
+    m.frame = PyBytes_FromStringAndSize(<char*>p, plen + h)
+    m.payload = PyBytes_FromStringAndSize(b.p + HEAD, plen)
+    return m
+
+
+@cython.final
+@cython.freelist(256)
+cdef class Message:
+    """One update of one stream, serialized once (see fastproxy.codec). The fields are
+    read-only; `frame` is the complete unmasked WebSocket text frame around `payload`."""
+
+    cdef readonly str stream_id
+    cdef readonly int64_t seq
+    cdef readonly str type
+    cdef readonly object ts
+    cdef readonly bytes payload
+    cdef readonly bytes frame
+
+    def __init__(self, str stream_id, int64_t seq, str type, ts, bytes payload, frame=None):
+        self.stream_id = stream_id
+        self.seq = seq
+        self.type = type
+        self.ts = ts
+        self.payload = payload
+        self.frame = ws_text_frame(payload) if frame is None else frame
+
+    def __eq__(self, other):
+        if not isinstance(other, Message):
+            return NotImplemented
+        cdef Message o = <Message>other
+        return (
+            self.seq == o.seq
+            and self.stream_id == o.stream_id
+            and self.type == o.type
+            and self.ts == o.ts
+            and self.payload == o.payload
+            and self.frame == o.frame
+        )
+
+    def __hash__(self):
+        return hash((self.stream_id, self.seq, self.payload))
+
+    def __reduce__(self):
+        return (Message, (self.stream_id, self.seq, self.type, self.ts, self.payload, self.frame))
+
+    def __repr__(self):
+        return (
+            f"Message({self.stream_id!r}, seq={self.seq}, type={self.type!r}, ts={self.ts}, "
+            f"{len(self.payload)} bytes)"
+        )
+
+
+def ws_text_frame(bytes payload) -> bytes:
+    """A final, unmasked text frame (server to client) holding `payload`."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t h = 2 if n < 126 else (4 if n < 0x10000 else 10)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n + h)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef int i
+    p[0] = 0x81
+    if h == 2:
+        p[1] = <unsigned char>n
+    elif h == 4:
+        p[1] = 126
+        p[2] = <unsigned char>(n >> 8)
+        p[3] = <unsigned char>(n & 0xFF)
+    else:
+        p[1] = 127
+        for i in range(8):
+            p[2 + i] = <unsigned char>((<uint64_t>n >> (56 - 8 * i)) & 0xFF)
+    memcpy(p + h, PyBytes_AS_STRING(payload), n)
+    return out
+
+
+# -- value rules (mirror check_str / check_ms / percent_2dp in fastproxy.codec._common) ------------
+
+
+cdef inline int check_str(object v, str what) except -1:
+    if not PyUnicode_CheckExact(v):
+        raise CodecError(f"{what} must be a string, got {type(v).__name__}")
+    return 0
+
+
+cdef int64_t as_ms(object v, str what) except -1:
+    cdef int overflow = 0
+    cdef long long x
+    if not PyLong_CheckExact(v):
+        raise CodecError(f"{what} must be an integer in 0..2**63-1")
+    x = PyLong_AsLongLongAndOverflow(v, &overflow)
+    if overflow != 0 or x < 0:
+        raise CodecError(f"{what} must be an integer in 0..2**63-1")
+    return x
+
+
+cdef inline int as_bool(object v, str what) except -1:
+    if v is True:
+        return 1
+    if v is False:
+        return 0
+    raise CodecError(f"{what} must be a boolean")
+
+
+cdef bytes EMPTY_FRAG = b'""'
+cdef bytes ZERO_PCT_FRAG = b'"0.00"'
+
+
+cdef object pct_frag(object s):
+    """price24hPcnt -> '"x.yz"' (a fraction as a percentage, 2 decimals, half up), '""' for an
+    empty string, None when it is not a plain decimal. See percent_2dp for the rules."""
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(s)
+    cdef const char* c
+    cdef Py_ssize_t i = 0, ws, we, fs, fe, nd, j, k, start
+    cdef bint neg = False
+    cdef char small[80]
+    cdef char* d
+    cdef bytes out
+    cdef char* o
+    if n == 0:
+        return EMPTY_FRAG
+    if not PyUnicode_IS_ASCII(s):
+        try:
+            PyUnicode_AsUTF8AndSize(s, NULL)
+        except UnicodeEncodeError:
+            raise CodecError("price24hPcnt is not valid UTF-8") from None
+        return None  # a decimal is ASCII
+    c = <const char*>PyUnicode_DATA(s)
+    if c[0] == 45 or c[0] == 43:  # '-' '+'
+        neg = c[0] == 45
+        i = 1
+    ws = i
+    while i < n and 48 <= c[i] <= 57:
+        i += 1
+    we = i
+    fs = fe = i
+    if i < n and c[i] == 46:  # '.'
+        i += 1
+        fs = i
+        while i < n and 48 <= c[i] <= 57:
+            i += 1
+        fe = i
+    if i != n or (we == ws and fe == fs):
+        return None
+    while ws < we and c[ws] == 48:
+        ws += 1
+    # d[0] takes a carry; d[1..nd] = value * 10**4, truncated, as digits
+    nd = (we - ws) + 4
+    if nd + 1 <= 80:
+        d = small
+    else:
+        d = <char*>malloc(nd + 1)
+    if d == NULL:
+        raise MemoryError()
+    try:
+        d[0] = 48
+        memcpy(d + 1, c + ws, we - ws)
+        for k in range(4):
+            d[1 + (we - ws) + k] = c[fs + k] if fs + k < fe else 48
+        if fe - fs > 4 and c[fs + 4] >= 53:  # fifth fractional digit >= '5': round up
+            j = nd
+            while d[j] == 57:
+                d[j] = 48
+                j -= 1
+            d[j] += 1
+        start = 0
+        while start <= nd and d[start] == 48:
+            start += 1
+        k = nd + 1 - start  # significant digits
+        if k == 0:
+            return ZERO_PCT_FRAG
+        # '"' [-] intpart '.' 2 digits '"', intpart "0" when k <= 2
+        out = PyBytes_FromStringAndSize(NULL, (1 if neg else 0) + (k - 2 if k > 2 else 1) + 5)
+        o = PyBytes_AS_STRING(out)
+        o[0] = 0x22
+        j = 1
+        if neg:
+            o[j] = 45
+            j += 1
+        if k > 2:
+            memcpy(o + j, d + start, k - 2)
+            j += k - 2
+            o[j] = 46
+            o[j + 1] = d[nd - 1]
+            o[j + 2] = d[nd]
+        else:
+            o[j] = 48
+            o[j + 1] = 46
+            o[j + 2] = d[nd - 1] if k == 2 else 48
+            o[j + 3] = d[nd]
+            j += 1
+        o[j + 3] = 0x22
+        return out
+    finally:
+        if d != small:
+            free(d)
+
+
+# -- codecs ---------------------------------------------------------------------------------------
+
+
+cdef class _Codec:
+    """State shared by the three codecs: the stream, its seq and the last-value cache."""
+
+    cdef readonly object stream
+    cdef int64_t _seq
+    cdef str _sid
+    cdef bint _fresh
+    cdef object _last
+    cdef object _snap
+
+    def __init__(self, stream, int64_t seq=0):
+        if stream.kind != self._kind():
+            raise ValueError(f"{type(self).__name__} serves {self._kind()} streams, not {stream!r}")
+        self.stream = stream
+        self._seq = seq
+        self._sid = stream.stream_id
+        self._fresh = True
+        self._last = None
+        self._snap = None
+
+    cdef str _kind(self):
+        return ""
+
+    @property
+    def seq(self) -> int:
+        """The last seq assigned (the start value until the first Message)."""
+        return self._seq
+
+    def snapshot(self):
+        """The current state for a new subscriber: type snapshot, the seq of its last update;
+        None when nothing is known. Built once per state change."""
+        if self._snap is None and self._last is not None:
+            self._snap = as_snapshot(self._last)
+        return self._snap
+
+    def reset(self) -> None:
+        """Upstream state is gone (reconnect): forget it; the next Message is a snapshot."""
+        self._fresh = True
+        self._last = None
+        self._snap = None
+        self._clear()
+
+    cdef void _clear(self):
+        pass
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.stream!r}, seq={self._seq})"
+
+
+cdef enum:
+    MAX_SLOTS = 19  # C array size for the slots one frame touches; checked below
+if TICKER_NSLOTS != MAX_SLOTS:
+    raise ImportError("ticker slot table and MAX_SLOTS disagree; rebuild fastproxy._codec")
+cdef int NSLOTS = TICKER_NSLOTS
+cdef int S_PCT = TICKER_PCT
+cdef int S_BID_PRICE = TICKER_BID_PRICE
+cdef int S_BID_SIZE = TICKER_BID_SIZE
+cdef int S_ASK_PRICE = TICKER_ASK_PRICE
+cdef int S_ASK_SIZE = TICKER_ASK_SIZE
+# What precedes each slot's value in its fragment: `,"key":` for flat fields (`"symbol":` opens
+# the object), nothing for the bid/ask parts, which put_side wraps in their nested object.
+cdef tuple _TICKER_KEYS = tuple(
+    b"" if TICKER_BID_PRICE <= _n <= TICKER_ASK_SIZE
+    else (b'"' if _n == 0 else b',"') + _out.encode() + b'":'
+    for _n, (_bybit, _out) in enumerate(TICKER_FIELDS)
+)
+cdef dict _SLOT = dict(TICKER_SLOT)
+
+
+cdef class TickerCodec(_Codec):
+    """Merges Bybit's ticker snapshot and deltas; every Message carries the complete ticker."""
+
+    cdef list _frag  # slot -> key + JSON value of the current value, or None (not known yet)
+    cdef list _pend  # slot -> fragment decided by the frame being validated
+    cdef bytes _sym_frag
+    cdef bytes _pre_snap
+    cdef bytes _pre_upd
+
+    def __init__(self, stream, int64_t seq=0):
+        _Codec.__init__(self, stream, seq)
+        self._sym_frag = _TICKER_KEYS[0] + _dumps(stream.symbol)
+        pre = envelope_prefix(self._sid)
+        self._pre_snap = pre + b'snapshot","data":{'
+        self._pre_upd = pre + b'update","data":{'
+        self._pend = [None] * NSLOTS
+        self._clear()
+
+    cdef str _kind(self):
+        return TICKER
+
+    cdef void _clear(self):
+        self._frag = [None] * NSLOTS
+        self._frag[0] = self._sym_frag
+
+    def feed(self, frame) -> list:
+        """Apply one Bybit tickers frame; one Message with the complete merged ticker."""
+        cdef object data, ftype, ts_o, frag
+        cdef int64_t ts
+        cdef bint replace
+        cdef Py_ssize_t pos = 0
+        cdef PyObject* k
+        cdef PyObject* v
+        cdef PyObject* sp
+        cdef int slot, j, nt = 0
+        cdef int touched[MAX_SLOTS]
+        cdef PyObject* fp
+        cdef Message msg
+        cdef list frags, pend
+        cdef Buf b
+
+        if not PyDict_CheckExact(frame):
+            raise CodecError("frame must be a JSON object")
+        sp = PyDict_GetItemWithError(frame, "data")
+        if sp == NULL or not PyDict_CheckExact(<object>sp):
+            raise CodecError("data must be a JSON object")
+        data = <object>sp
+        sp = PyDict_GetItemWithError(frame, "ts")
+        ts = as_ms(<object>sp if sp != NULL else None, "ts")
+        ts_o = <object>sp
+        sp = PyDict_GetItemWithError(frame, "type")
+        ftype = <object>sp if sp != NULL else None
+        if ftype == SNAPSHOT:
+            replace = True
+        elif ftype == "delta":
+            replace = False
+        else:
+            raise CodecError("ticker frame type must be snapshot or delta")
+
+        # Decide every new fragment before touching state: an error leaves the codec as it was.
+        pend = self._pend
+        while PyDict_Next(data, &pos, &k, &v):
+            sp = PyDict_GetItemWithError(_SLOT, <object>k)
+            if sp == NULL:
+                continue
+            slot = <int><object>sp
+            check_str(<object>v, <str><object>k)
+            if slot == S_PCT:
+                frag = pct_frag(<object>v)
+                if frag is not None:
+                    frag = <bytes>_TICKER_KEYS[slot] + frag
+            else:
+                frag = str_frag(<object>v, <bytes>_TICKER_KEYS[slot])
+            pend[slot] = frag
+            touched[nt] = slot
+            nt += 1
+
+        frags = self._frag
+        if replace:
+            self._clear()
+            frags = self._frag
+        for j in range(nt):
+            slot = touched[j]
+            frags[slot] = pend[slot]
+            pend[slot] = None
+
+        mtype = SNAPSHOT if (replace or self._fresh) else UPDATE
+        buf_init(&b)
+        try:
+            buf_bytes(&b, self._pre_snap if mtype is SNAPSHOT else self._pre_upd)
+            # The list owns the fragments for the whole assembly, so borrowed pointers do.
+            put_frag(&b, PyList_GET_ITEM(frags, 0))
+            for slot in range(1, S_BID_PRICE):
+                fp = PyList_GET_ITEM(frags, slot)
+                if fp != <PyObject*>None:
+                    put_frag(&b, fp)
+            put_side(
+                &b, b',"bid":{', PyList_GET_ITEM(frags, S_BID_PRICE), PyList_GET_ITEM(frags, S_BID_SIZE)
+            )
+            put_side(
+                &b, b',"ask":{', PyList_GET_ITEM(frags, S_ASK_PRICE), PyList_GET_ITEM(frags, S_ASK_SIZE)
+            )
+            for slot in range(S_ASK_SIZE + 1, NSLOTS):
+                fp = PyList_GET_ITEM(frags, slot)
+                if fp != <PyObject*>None:
+                    put_frag(&b, fp)
+            buf_put(&b, b'}', 1)
+            put_tail(&b, ts, self._seq + 1)
+            msg = buf_message(&b, self._sid, self._seq + 1, mtype, ts_o)
+        finally:
+            buf_free(&b)
+        self._seq += 1
+        self._fresh = False
+        self._last = msg
+        self._snap = None
+        return [msg]
+
+
+cdef inline int put_frag(Buf* b, PyObject* frag) except -1:
+    return buf_put(b, ptr_bytes_data(frag), ptr_bytes_len(frag))
+
+
+cdef int put_side(Buf* b, const char* head, PyObject* price, PyObject* size) except -1:
+    cdef PyObject* none = <PyObject*>None
+    if price == none and size == none:
+        return 0
+    buf_put(b, head, 8)  # `,"bid":{` or `,"ask":{`
+    if price != none:
+        buf_put(b, b'"price":', 8)
+        put_frag(b, price)
+        if size != none:
+            buf_put(b, b',', 1)
+    if size != none:
+        buf_put(b, b'"size":', 7)
+        put_frag(b, size)
+    return buf_put(b, b'}', 1)
+
+
+cdef int put_tail(Buf* b, int64_t ts, int64_t seq) except -1:
+    buf_put(b, b',"timestamp":', 13)
+    buf_int(b, ts)
+    buf_put(b, b',"source":"mudrex","seq":', 25)
+    buf_int(b, seq)
+    return buf_put(b, b'}', 1)
+
+
+cdef class KlineCodec(_Codec):
+    """One Message per candle in a Bybit kline frame, in order."""
+
+    cdef bytes _pre_snap
+    cdef bytes _pre_upd
+
+    def __init__(self, stream, int64_t seq=0):
+        _Codec.__init__(self, stream, seq)
+        pre = envelope_prefix(self._sid)
+        fixed = (
+            b'","data":{"symbol":' + _dumps(stream.symbol)
+            + b',"interval":' + _dumps(stream.interval) + b',"openTime":'
+        )
+        self._pre_snap = pre + b"snapshot" + fixed
+        self._pre_upd = pre + b"update" + fixed
+
+    cdef str _kind(self):
+        return KLINE
+
+    def feed(self, frame) -> list:
+        """One Message per candle of one Bybit kline frame."""
+        cdef object data, c, ts_o
+        cdef dict cd
+        cdef PyObject* sp
+        cdef int64_t ts, seq
+        cdef Py_ssize_t i, n
+        cdef bint fresh
+        cdef list out = []
+        cdef Buf b
+
+        if not PyDict_CheckExact(frame):
+            raise CodecError("frame must be a JSON object")
+        sp = PyDict_GetItemWithError(frame, "data")
+        if sp == NULL or not PyList_CheckExact(<object>sp):
+            raise CodecError("data must be a JSON array")
+        data = <object>sp
+        sp = PyDict_GetItemWithError(frame, "ts")
+        ts = as_ms(<object>sp if sp != NULL else None, "ts")
+        ts_o = <object>sp
+
+        seq = self._seq
+        fresh = self._fresh
+        n = PyList_GET_SIZE(data)
+        buf_init(&b)
+        try:
+            for i in range(n):
+                c = <object>PyList_GET_ITEM(data, i)
+                if not PyDict_CheckExact(c):
+                    raise CodecError("a kline must be a JSON object")
+                cd = <dict>c
+                b.n = HEAD
+                seq += 1
+                buf_bytes(&b, self._pre_snap if fresh else self._pre_upd)
+                buf_int(&b, as_ms(cd.get("start"), "start"))
+                buf_put(&b, b',"closeTime":', 13)
+                buf_int(&b, as_ms(cd.get("end"), "end"))
+                put_str_field(&b, b',"open":', 8, cd.get("open"), "open")
+                put_str_field(&b, b',"high":', 8, cd.get("high"), "high")
+                put_str_field(&b, b',"low":', 7, cd.get("low"), "low")
+                put_str_field(&b, b',"close":', 9, cd.get("close"), "close")
+                put_str_field(&b, b',"volume":', 10, cd.get("volume"), "volume")
+                put_str_field(&b, b',"turnover":', 12, cd.get("turnover"), "turnover")
+                if as_bool(cd.get("confirm"), "confirm"):
+                    buf_put(&b, b',"confirmed":true}', 18)
+                else:
+                    buf_put(&b, b',"confirmed":false}', 19)
+                put_tail(&b, ts, seq)
+                out.append(buf_message(&b, self._sid, seq, SNAPSHOT if fresh else UPDATE, ts_o))
+                fresh = False
+        finally:
+            buf_free(&b)
+        if n:
+            self._seq = seq
+            self._fresh = False
+            self._last = out[n - 1]
+            self._snap = None
+        return out
+
+
+cdef inline int put_str_field(Buf* b, const char* key, Py_ssize_t klen, object v, str what) except -1:
+    check_str(v, what)
+    buf_put(b, key, klen)
+    return buf_str(b, v)
+
+
+cdef class TradeCodec(_Codec):
+    """One Message per Bybit trade frame; its data lists the frame's trades in order."""
+
+    cdef bytes _sym_frag
+    cdef bytes _pre_snap
+    cdef bytes _pre_upd
+
+    def __init__(self, stream, int64_t seq=0):
+        _Codec.__init__(self, stream, seq)
+        self._sym_frag = _dumps(stream.symbol)
+        pre = envelope_prefix(self._sid)
+        self._pre_snap = pre + b'snapshot","data":['
+        self._pre_upd = pre + b'update","data":['
+
+    cdef str _kind(self):
+        return TRADE
+
+    def feed(self, frame) -> list:
+        """One Message for one Bybit publicTrade frame (none for an empty one)."""
+        cdef object data, t, ts_o, side, sym, block
+        cdef dict td
+        cdef PyObject* sp
+        cdef int64_t ts, seq
+        cdef Py_ssize_t i, n
+        cdef Buf b
+        cdef Message msg
+
+        if not PyDict_CheckExact(frame):
+            raise CodecError("frame must be a JSON object")
+        sp = PyDict_GetItemWithError(frame, "data")
+        if sp == NULL or not PyList_CheckExact(<object>sp):
+            raise CodecError("data must be a JSON array")
+        data = <object>sp
+        sp = PyDict_GetItemWithError(frame, "ts")
+        ts = as_ms(<object>sp if sp != NULL else None, "ts")
+        ts_o = <object>sp
+
+        n = PyList_GET_SIZE(data)
+        seq = self._seq + 1
+        buf_init(&b)
+        try:
+            buf_bytes(&b, self._pre_snap if self._fresh else self._pre_upd)
+            for i in range(n):
+                t = <object>PyList_GET_ITEM(data, i)
+                if not PyDict_CheckExact(t):
+                    raise CodecError("a trade must be a JSON object")
+                td = <dict>t
+                put_str_field(&b, b'{"id":' if i == 0 else b',{"id":', 6 if i == 0 else 7,
+                              td.get("i"), "i")
+                sym = td.get("s")
+                buf_put(&b, b',"symbol":', 10)
+                if sym is None:
+                    buf_bytes(&b, self._sym_frag)
+                else:
+                    check_str(sym, "s")
+                    buf_str(&b, sym)
+                put_str_field(&b, b',"price":', 9, td.get("p"), "p")
+                put_str_field(&b, b',"quantity":', 12, td.get("v"), "v")
+                side = td.get("S")
+                if PyUnicode_CheckExact(side) and side == "Buy":
+                    buf_put(&b, b',"side":"buy","time":', 21)
+                elif PyUnicode_CheckExact(side) and side == "Sell":
+                    buf_put(&b, b',"side":"sell","time":', 22)
+                else:
+                    raise CodecError("trade side S must be Buy or Sell")
+                buf_int(&b, as_ms(td.get("T"), "T"))
+                block = td.get("BT")
+                if block is None:
+                    buf_put(&b, b'}', 1)
+                elif as_bool(block, "BT"):
+                    buf_put(&b, b',"isBlockTrade":true}', 21)
+                else:
+                    buf_put(&b, b',"isBlockTrade":false}', 22)
+            if n == 0:
+                return []
+            buf_put(&b, b']', 1)
+            put_tail(&b, ts, seq)
+            msg = buf_message(&b, self._sid, seq, SNAPSHOT if self._fresh else UPDATE, ts_o)
+        finally:
+            buf_free(&b)
+        self._seq = seq
+        self._fresh = False
+        self._last = msg
+        self._snap = None
+        return [msg]

@@ -1,0 +1,99 @@
+"""The codec: Bybit V5 public data frames in, Mudrex stream Messages out.
+
+One codec per stream keeps that stream's state (the merged ticker, the last candle, the last
+trades) and numbers its updates (`seq`). Each Message is serialized exactly once, payload and
+WebSocket frame, and then shared by every client and node.
+
+Two implementations with byte-identical output: the Cython extension `fastproxy._codec` (built
+from ext/_codec.pyx) and the pure-Python reference in `fastproxy.codec.pure`. `new_codec` uses
+the extension when it imports and `FASTPROXY_PURE` is not `"1"`. Both concrete sets of classes
+are exported whatever the environment says, so tests can run them side by side.
+`Message` is the class of the implementation in use (`CyMessage` or `PyMessage`: the same
+constructor and fields; the Cython one keeps its per-message cost down).
+
+Decisions the protocol leaves open, the same in both implementations:
+- Every field the codec copies must be exactly a JSON string (times: an int in 0..2**63-1,
+  flags: a boolean); anything else is a CodecError and the frame is dropped whole.
+- `change24hPercent` is left out when `price24hPcnt` is not a plain decimal (see
+  `percent_2dp`); the frame is still used.
+- The ticker `symbol` is the stream's symbol until the exchange sends one.
+- A trade's `symbol` is its `s`, else the stream's; `isBlockTrade` is left out when `BT` is
+  missing or null. A trade or kline frame with an empty `data` list yields no Message.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastproxy.codec._common import Codec, CodecError, as_snapshot, percent_2dp
+from fastproxy.codec._common import Message as PyMessage
+from fastproxy.codec._common import ws_text_frame as py_ws_text_frame
+from fastproxy.codec.pure import PY_CODECS, PyKlineCodec, PyTickerCodec, PyTradeCodec
+from fastproxy.streams import KLINE, TICKER, TRADE, Stream
+
+try:
+    from fastproxy import _codec as _ext
+except ImportError as exc:  # not built here (no compiler, FASTPROXY_NO_EXT=1, ...)
+    _ext = None
+    CYTHON_IMPORT_ERROR: str | None = f"fastproxy._codec not importable: {exc}"
+else:
+    CYTHON_IMPORT_ERROR = None
+
+if _ext is not None:
+    CyTickerCodec = _ext.TickerCodec
+    CyKlineCodec = _ext.KlineCodec
+    CyTradeCodec = _ext.TradeCodec
+    cy_ws_text_frame = _ext.ws_text_frame
+    CyMessage = _ext.Message
+    CY_CODECS: dict[str, type] | None = {
+        TICKER: CyTickerCodec,
+        KLINE: CyKlineCodec,
+        TRADE: CyTradeCodec,
+    }
+else:
+    CyTickerCodec = CyKlineCodec = CyTradeCodec = CyMessage = cy_ws_text_frame = None  # type: ignore[assignment,misc]
+    CY_CODECS = None
+
+CYTHON_AVAILABLE = CY_CODECS is not None
+
+if CY_CODECS is not None and os.environ.get("FASTPROXY_PURE") != "1":
+    IMPLEMENTATION = "cython"
+    _CODECS: dict[str, type] = CY_CODECS
+    Message = CyMessage
+    ws_text_frame = cy_ws_text_frame
+else:
+    IMPLEMENTATION = "python"
+    _CODECS = PY_CODECS  # type: ignore[assignment]
+    Message = PyMessage  # type: ignore[misc]
+    ws_text_frame = py_ws_text_frame
+
+
+def new_codec(stream: Stream, seq: int = 0) -> Codec:
+    """A codec for `stream` whose next Message is `seq + 1`, from the chosen implementation."""
+    return _CODECS[stream.kind](stream, seq)
+
+
+__all__ = [
+    "CYTHON_AVAILABLE",
+    "CYTHON_IMPORT_ERROR",
+    "CY_CODECS",
+    "IMPLEMENTATION",
+    "PY_CODECS",
+    "Codec",
+    "CodecError",
+    "CyKlineCodec",
+    "CyMessage",
+    "CyTickerCodec",
+    "CyTradeCodec",
+    "Message",
+    "PyKlineCodec",
+    "PyMessage",
+    "PyTickerCodec",
+    "PyTradeCodec",
+    "as_snapshot",
+    "cy_ws_text_frame",
+    "new_codec",
+    "percent_2dp",
+    "py_ws_text_frame",
+    "ws_text_frame",
+]
