@@ -116,7 +116,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_URL", _redis_url, "", "Redis for cluster mode; empty: one node, in-memory bus"),
     Setting("REDIS_MAX_CONNECTIONS", _int_range(1), "50", "Redis connection pool size"),
     Setting("DEBUG", _bool, "false", "debug logging"),
-    Setting("ENVIRONMENT", _text, "production", "environment name shown in logs and /"),
+    Setting("ENVIRONMENT", _text, "production", "environment name, shown in the start-up log line"),
     Setting("LOG_FORMAT", _choice("json", "text"), "json", "log line format: json or text"),
     Setting("MAX_CLIENTS_TOTAL", _int_range(1), "10000", "most clients connected at once"),
     Setting(

@@ -177,30 +177,25 @@ def _with_req_id(reply: dict[str, Any], req_id: Any) -> bytes:
     return orjson.dumps(reply)
 
 
-def subscribe_reply(plan: SubscribePlan, req_id: Any = None) -> bytes:
+def _ack(op: str, message: str, plan: SubscribePlan | UnsubscribePlan, req_id: Any) -> bytes:
     return _with_req_id(
         {
-            "op": OP_SUBSCRIBE,
+            "op": op,
             "success": bool(plan.accepted),
             "args": plan.accepted,
-            "message": f"Subscribed to {len(plan.accepted)} streams",
+            "message": message,
             "rejected": plan.rejected or None,
         },
         req_id,
     )
+
+
+def subscribe_reply(plan: SubscribePlan, req_id: Any = None) -> bytes:
+    return _ack(OP_SUBSCRIBE, f"Subscribed to {len(plan.accepted)} streams", plan, req_id)
 
 
 def unsubscribe_reply(plan: UnsubscribePlan, req_id: Any = None) -> bytes:
-    return _with_req_id(
-        {
-            "op": OP_UNSUBSCRIBE,
-            "success": bool(plan.accepted),
-            "args": plan.accepted,
-            "message": f"Unsubscribed from {len(plan.accepted)} streams",
-            "rejected": plan.rejected or None,
-        },
-        req_id,
-    )
+    return _ack(OP_UNSUBSCRIBE, f"Unsubscribed from {len(plan.accepted)} streams", plan, req_id)
 
 
 def pong_reply(now_ms: int, req_id: Any = None) -> bytes:

@@ -67,3 +67,12 @@ def test_cli_bad_value_is_one_line_without_traceback() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "--max-clients-total='lots'" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_readme_config_table_is_current() -> None:
+    from pathlib import Path
+
+    from fastproxy.config import describe
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert describe() in readme, "README's configuration table is stale: paste config.describe()"

@@ -1,0 +1,168 @@
+"""Wiring: build the components from a Config, run them, stop them gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from fastproxy import __version__
+from fastproxy.bus import Bus, MemoryBus
+from fastproxy.codec import IMPLEMENTATION
+from fastproxy.config import Config
+from fastproxy.feed import Feed
+from fastproxy.hub import Hub
+from fastproxy.logs import setup_logging
+from fastproxy.metrics import metrics_renderer
+from fastproxy.server import ProxyServer
+from fastproxy.upstream import SymbolCatalogue, UpstreamSettings, default_rest_url
+
+log = logging.getLogger("fastproxy")
+
+
+class App:
+    """One proxy node. `await start()`, then `await stop()`; `port` is the bound port."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.sim: Any = None
+        self.started_at = time.time()
+        self.feed: Feed | None = None
+        self.bus: Bus | None = None
+        self.hub: Hub | None = None
+        self.server: ProxyServer | None = None
+        self.catalogue: SymbolCatalogue | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.server.port if self.server else 0
+
+    async def start(self) -> None:
+        config = self.config
+        ws_url, rest_url = config.bybit_ws_url, config.bybit_rest_url
+        if config.demo:
+            from fastproxy.sim import SimConfig, Simulator
+
+            self.sim = Simulator(SimConfig(host="127.0.0.1", port=0))
+            await self.sim.start()
+            ws_url, rest_url = self.sim.ws_url("linear"), self.sim.http_url
+            log.info("demo mode: upstream is the bundled simulator", extra={"url": ws_url})
+        settings = UpstreamSettings(
+            url=ws_url,
+            ping_interval=config.upstream_ping_interval,
+            max_topics_per_conn=config.upstream_topics_per_connection,
+        )
+        self.catalogue = SymbolCatalogue(rest_url or default_rest_url(ws_url))
+        self.feed = Feed(settings)
+        self.bus = await self._make_bus(self.feed)
+        self.hub = Hub(self.bus, linger=config.unsubscribe_linger)
+        self.server = ProxyServer(
+            config,
+            self.hub,
+            symbol_known=self.catalogue.check,
+            health=self.health,
+            stats=self.stats,
+            metrics=metrics_renderer(self.stats),
+            version=__version__,
+        )
+        await self.catalogue.start()
+        await self.bus.start()
+        await self.server.start()
+        log.info(
+            "fastproxy listening",
+            extra={
+                "host": config.host,
+                "port": self.port,
+                "upstream": ws_url,
+                "bus": self.bus.name,
+                "codec": IMPLEMENTATION,
+                "environment": config.environment,
+            },
+        )
+
+    async def _make_bus(self, feed: Feed) -> Bus:
+        if not self.config.redis_url:
+            return MemoryBus(feed)
+        from fastproxy.bus.redis import RedisBus
+
+        return RedisBus(feed, self.config)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.drain()
+        if self.hub is not None:
+            self.hub.close()
+        if self.bus is not None:
+            await self.bus.stop()
+        if self.catalogue is not None:
+            await self.catalogue.stop()
+        if self.server is not None:
+            await self.server.stop()
+        if self.sim is not None:
+            await self.sim.stop()
+        self._stopped.set()
+
+    # -- observability -------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        assert self.feed is not None and self.bus is not None
+        upstream = self.feed.pool.status()
+        bus = self.bus.status()
+        reasons = []
+        down_since = upstream.get("down_since")
+        if (
+            down_since is not None
+            and time.monotonic() - down_since > self.config.upstream_down_threshold
+        ):
+            reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
+        if not self.bus.healthy:
+            reasons.append("redis unreachable")
+        body: dict[str, Any] = {"upstream": upstream, "bus": bus}
+        if reasons:
+            body["reason"] = "; ".join(reasons)
+        return not reasons, body
+
+    def stats(self) -> dict[str, Any]:
+        assert self.server and self.hub and self.feed and self.bus and self.catalogue
+        return {
+            "uptime": round(time.time() - self.started_at, 1),
+            "connections": self.server.stats(),
+            "upstream": self.feed.pool.status(),
+            "pubsub": self.hub.stats(),
+            "bus": self.bus.status(),
+            "feed": {
+                "streams": self.feed.stream_count,
+                "messages_out": self.feed.messages_out,
+                "codec_errors": self.feed.codec_errors,
+                "codec": IMPLEMENTATION,
+            },
+            "catalogue": self.catalogue.status(),
+        }
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("shutting down")
+        try:
+            await asyncio.wait_for(self.stop(), self.config.shutdown_timeout)
+        except TimeoutError:
+            log.warning("graceful stop took too long; exiting anyway")
+
+
+def run(config: Config) -> int:
+    import uvloop
+
+    setup_logging(config.log_format, config.debug, config.environment)
+    try:
+        uvloop.run(App(config).run_until_signalled())
+    except OSError as exc:  # port in use, address not available
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,113 @@
+"""The feed: upstream topics in, Messages out. It owns the upstream pool and one codec per
+stream, and is the only place a Message is made (so `seq` is assigned exactly once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastproxy.codec import CodecError, Message, new_codec
+from fastproxy.streams import Stream, StreamError, stream_for_topic
+from fastproxy.upstream import UpstreamPool, UpstreamSettings
+
+log = logging.getLogger("fastproxy.feed")
+
+
+def _ignore_message(message: Message) -> None:
+    return None
+
+
+def _ignore_stream(stream: Stream, *rest: Any) -> None:
+    return None
+
+
+class Feed:
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._codecs: dict[str, Any] = {}  # topic -> codec
+        self._streams: dict[str, Stream] = {}  # topic -> stream
+        self._deliver: Callable[[Message], None] = _ignore_message
+        self._reset: Callable[[Stream], None] = _ignore_stream
+        self._reject: Callable[[Stream, str], None] = _ignore_stream
+        self.pool = UpstreamPool(
+            settings, on_data=self._on_data, on_failed=self._on_failed, on_reset=self._on_reset
+        )
+        self.messages_out = 0
+        self.codec_errors = 0
+        self._last_error_log = 0.0
+
+    def attach(
+        self,
+        deliver: Callable[[Message], None],
+        reset: Callable[[Stream], None],
+        reject: Callable[[Stream, str], None],
+    ) -> None:
+        self._deliver, self._reset, self._reject = deliver, reset, reject
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    def add(self, stream: Stream, seq: int = 0) -> None:
+        """Own `stream`: subscribe its topic upstream. `seq` continues a numbering (failover)."""
+        if stream.topic in self._streams:
+            return
+        self._streams[stream.topic] = stream
+        self._codecs[stream.topic] = new_codec(stream, seq)
+        self.pool.subscribe([stream.topic])
+
+    def remove(self, stream: Stream) -> None:
+        if self._streams.pop(stream.topic, None) is None:
+            return
+        self._codecs.pop(stream.topic, None)
+        self.pool.unsubscribe([stream.topic])
+
+    def seq(self, stream: Stream) -> int | None:
+        codec = self._codecs.get(stream.topic)
+        return None if codec is None else codec.seq
+
+    def _on_data(self, topic: str, frame: dict, generation: int) -> None:
+        codec = self._codecs.get(topic)
+        if codec is None:  # in flight when we unsubscribed
+            return
+        try:
+            messages = codec.feed(frame)
+        except CodecError as exc:
+            self.codec_errors += 1
+            now = time.monotonic()
+            if now - self._last_error_log > 10.0:  # a broken feed must not flood the log
+                self._last_error_log = now
+                log.warning(
+                    "malformed upstream frame dropped",
+                    extra={"topic": topic, "error": str(exc), "codec_errors": self.codec_errors},
+                )
+            return
+        deliver = self._deliver
+        for message in messages:
+            deliver(message)
+        self.messages_out += len(messages)
+
+    def _on_reset(self, topic: str) -> None:
+        codec = self._codecs.get(topic)
+        if codec is not None:
+            codec.reset()
+            self._reset(self._streams[topic])
+
+    def _on_failed(self, topic: str, reason: str) -> None:
+        stream = self._streams.pop(topic, None)
+        self._codecs.pop(topic, None)
+        if stream is None:
+            try:
+                stream = stream_for_topic(topic)
+            except StreamError:
+                return
+        log.warning("upstream refused topic", extra={"topic": topic, "reason": reason})
+        self._reject(stream, reason)

@@ -1,0 +1,236 @@
+"""The hub: which local client holds which stream, and fan-out of shared frames to them.
+
+Fan-out appends the Message's pre-built frame to each subscriber's pending output; every session
+with something pending is flushed once per loop tick with one write (corking). Nothing here
+serializes per client, awaits per send, or starts a task per message.
+
+The hub also keeps, per stream, the last Message it delivered: a new subscriber's snapshot is
+that Message marked `"type":"snapshot"` (every Message carries the stream's complete current
+state: the merged ticker, the current candle, the latest trades), so a late joiner gets seq N and
+the next live Message is N+1, with no gap and no duplicate on any node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from fastproxy.bus import Bus
+from fastproxy.codec import Message, as_snapshot, ws_text_frame
+from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
+from fastproxy.streams import KINDS, Stream
+
+log = logging.getLogger("fastproxy.hub")
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a client session."""
+
+    out: list[bytes]  # frames due for this client, flushed once per tick
+    streams: set[Stream]
+
+    def flush(self) -> None: ...
+
+
+class Hub:
+    def __init__(
+        self,
+        bus: Bus,
+        linger: float = 5.0,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._bus = bus
+        self._linger = linger
+        self._loop = loop
+        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers
+        self._streams: dict[str, Stream] = {}  # stream_id -> Stream, for streams held here
+        self._last: dict[str, Message] = {}  # stream_id -> last delivered Message
+        self._snapshots: dict[str, Message] = {}  # stream_id -> as_snapshot(last), built lazily
+        self._release_timers: dict[str, asyncio.TimerHandle] = {}
+        self._dirty: list[Subscriber] = []
+        self._flush_scheduled = False
+        self.messages_in = 0
+        self.deliveries = 0
+        self.releases = 0
+        bus.attach(self.deliver, self.reset, self.reject)
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    def subscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
+        """Add streams to a session; each gets the current snapshot queued at once."""
+        for stream in streams:
+            sid = stream.stream_id
+            subs = self._subs.get(sid)
+            if subs is None:
+                subs = self._subs[sid] = set()
+                self._streams[sid] = stream
+                self._bus.acquire(stream)
+            else:
+                timer = self._release_timers.pop(sid, None)
+                if timer is not None:
+                    timer.cancel()
+            subs.add(session)
+            session.streams.add(stream)
+            snapshot = self.snapshot(sid)
+            if snapshot is not None:
+                self.send(session, snapshot.frame)
+
+    def unsubscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
+        for stream in streams:
+            session.streams.discard(stream)
+            subs = self._subs.get(stream.stream_id)
+            if subs is None:
+                continue
+            subs.discard(session)
+            if not subs:
+                self._schedule_release(stream)
+
+    def drop(self, session: Subscriber) -> None:
+        """The session is gone: forget everything it held."""
+        self.unsubscribe(session, list(session.streams))
+        session.out.clear()
+
+    def _schedule_release(self, stream: Stream) -> None:
+        sid = stream.stream_id
+        if sid in self._release_timers:
+            return
+        if self._linger <= 0:
+            self._release(stream)
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        self._release_timers[sid] = loop.call_later(self._linger, self._release, stream)
+
+    def _release(self, stream: Stream) -> None:
+        sid = stream.stream_id
+        self._release_timers.pop(sid, None)
+        if self._subs.get(sid):
+            return  # someone came back
+        self._subs.pop(sid, None)
+        self._streams.pop(sid, None)
+        self._last.pop(sid, None)
+        self._snapshots.pop(sid, None)
+        self.releases += 1
+        self._bus.release(stream)
+
+    def close(self) -> None:
+        for timer in self._release_timers.values():
+            timer.cancel()
+        self._release_timers.clear()
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def snapshot(self, stream_id: str) -> Message | None:
+        snapshot = self._snapshots.get(stream_id)
+        if snapshot is not None:
+            return snapshot
+        last = self._last.get(stream_id)
+        if last is None:
+            return None
+        snapshot = self._snapshots[stream_id] = as_snapshot(last)
+        return snapshot
+
+    def deliver(self, message: Message) -> None:
+        """Fan a Message out to the local subscribers of its stream (the bus calls this)."""
+        sid = message.stream_id
+        subs = self._subs.get(sid)
+        if subs is None:
+            return  # not held here (any more)
+        self.messages_in += 1
+        self._last[sid] = message
+        self._snapshots.pop(sid, None)
+        if not subs:
+            return
+        frame = message.frame
+        dirty = self._dirty
+        for session in subs:
+            out = session.out
+            if not out:
+                dirty.append(session)
+            out.append(frame)
+        self.deliveries += len(subs)
+        if not self._flush_scheduled:
+            self._schedule_flush()
+
+    def send(self, session: Subscriber, frame: bytes) -> None:
+        """Queue one frame for one session behind what is already due for it."""
+        out = session.out
+        if not out:
+            self._dirty.append(session)
+        out.append(frame)
+        if not self._flush_scheduled:
+            self._schedule_flush()
+
+    def send_payload(self, session: Subscriber, payload: bytes) -> None:
+        self.send(session, ws_text_frame(payload))
+
+    def _schedule_flush(self) -> None:
+        self._flush_scheduled = True
+        (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for session in dirty:
+            try:
+                session.flush()
+            except Exception:  # one broken session must not stop the others' writes
+                log.exception("flush failed")
+
+    def reset(self, stream: Stream) -> None:
+        """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
+        self._last.pop(stream.stream_id, None)
+        self._snapshots.pop(stream.stream_id, None)
+
+    def reject(self, stream: Stream, reason: str) -> None:
+        """The exchange refused the stream: tell every local holder and drop it."""
+        sid = stream.stream_id
+        subs = self._subs.pop(sid, None) or set()
+        self._streams.pop(sid, None)
+        self._last.pop(sid, None)
+        self._snapshots.pop(sid, None)
+        timer = self._release_timers.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+        if subs:
+            frame = ws_text_frame(
+                error_reply(
+                    UPSTREAM_REJECTED,
+                    f"The exchange refused {stream.arg}; the subscription was removed",
+                    args=[stream.arg],
+                )
+            )
+            for session in subs:
+                session.streams.discard(stream)
+                self.send(session, frame)
+        log.info(
+            "stream rejected upstream",
+            extra={"stream": stream.stream_id, "reason": reason, "clients": len(subs)},
+        )
+
+    # -- introspection -------------------------------------------------------------------
+
+    def holds(self, stream: Stream) -> bool:
+        return stream.stream_id in self._subs
+
+    def subscriber_count(self, stream: Stream) -> int:
+        return len(self._subs.get(stream.stream_id, ()))
+
+    def stats(self) -> dict[str, Any]:
+        by_kind = dict.fromkeys(KINDS, 0)
+        streams_by_kind = dict.fromkeys(KINDS, 0)
+        for sid, subs in self._subs.items():
+            kind = self._streams[sid].kind
+            by_kind[kind] += len(subs)
+            streams_by_kind[kind] += 1
+        return {
+            "streams": len(self._subs),
+            "streams_by_kind": streams_by_kind,
+            "subscriptions": sum(by_kind.values()),
+            "subscriptions_by_kind": by_kind,
+            "lingering": len(self._release_timers),
+            "messages_in": self.messages_in,
+            "deliveries": self.deliveries,
+            "releases": self.releases,
+        }

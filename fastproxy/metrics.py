@@ -1,0 +1,90 @@
+"""Prometheus metrics, read from the counters the components keep anyway.
+
+Nothing on the hot path touches prometheus_client: a scrape walks the plain integer counters
+of the server, hub, feed and upstream pool and renders them then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class ProxyCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        s = self._snapshot()
+        conns = s["connections"]
+        up = s["upstream"]
+        hub = s["pubsub"]
+        yield GaugeMetricFamily("fastproxy_clients", "Connected clients", value=conns["connected"])
+        yield CounterMetricFamily(
+            "fastproxy_client_connections",
+            "Client connections accepted",
+            value=conns["connections_total"],
+        )
+        yield CounterMetricFamily(
+            "fastproxy_messages_sent", "Frames written to clients", value=conns["messages_sent"]
+        )
+        yield CounterMetricFamily(
+            "fastproxy_bytes_sent", "Bytes written to clients", value=conns["bytes_sent"]
+        )
+        drops = CounterMetricFamily(
+            "fastproxy_client_drops", "Clients closed by the server, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(conns["drops"].items()):
+            drops.add_metric([reason], count)
+        yield drops
+        subs = GaugeMetricFamily(
+            "fastproxy_subscriptions", "Client subscriptions by stream kind", labels=["kind"]
+        )
+        for kind, count in hub["subscriptions_by_kind"].items():
+            subs.add_metric([kind], count)
+        yield subs
+        yield GaugeMetricFamily(
+            "fastproxy_streams", "Streams held on this node", value=hub["streams"]
+        )
+        yield CounterMetricFamily(
+            "fastproxy_deliveries", "Messages queued to clients", value=hub["deliveries"]
+        )
+        yield GaugeMetricFamily(
+            "fastproxy_upstream_connections",
+            "Open Bybit connections",
+            value=up.get("connected", 0),
+        )
+        topics = GaugeMetricFamily(
+            "fastproxy_upstream_topics", "Upstream topics by state", labels=["state"]
+        )
+        for state, count in up.get("topics", {}).items():
+            topics.add_metric([state], count)
+        yield topics
+        yield CounterMetricFamily(
+            "fastproxy_upstream_reconnects", "Bybit reconnects", value=up.get("reconnects", 0)
+        )
+        yield CounterMetricFamily(
+            "fastproxy_upstream_messages",
+            "Bybit data frames received",
+            value=up.get("messages_in", 0),
+        )
+        yield CounterMetricFamily(
+            "fastproxy_codec_errors",
+            "Malformed upstream frames dropped",
+            value=s.get("feed", {}).get("codec_errors", 0),
+        )
+        yield GaugeMetricFamily(
+            "fastproxy_bus_healthy",
+            "1 when the bus (Redis in cluster mode) is reachable",
+            value=1 if s["bus"].get("healthy") else 0,
+        )
+
+
+def metrics_renderer(snapshot: Callable[[], dict[str, Any]]) -> Callable[[], bytes]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(snapshot))
+    return lambda: generate_latest(registry)

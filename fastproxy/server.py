@@ -1,0 +1,431 @@
+"""The picows server: WS /ws for clients, plain HTTP GET for /, /health, /ready, /stats, /metrics.
+
+A thin I/O edge: frames go into the protocol functions and the hub, bytes come out. Every client
+transport has explicit write-buffer limits; a client over the hard cap is closed with 4008 at
+once, and one that stays over the soft mark longer than FANOUT_CALLBACK_TIMEOUT likewise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from picows import (
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+
+from fastproxy.config import Config
+from fastproxy.hub import Hub
+from fastproxy.protocol import (
+    CLOSE_CONNECTION_LIMIT,
+    CLOSE_FLOODING,
+    CLOSE_GOING_AWAY,
+    CLOSE_IDLE,
+    CLOSE_TOO_BIG,
+    CLOSE_TOO_SLOW,
+    INTERNAL_ERROR,
+    INVALID_JSON,
+    MAX_FRAME_SIZE,
+    OP_PING,
+    OP_SUBSCRIBE,
+    RATE_LIMIT_EXCEEDED,
+    FloodGuard,
+    RequestError,
+    error_reply,
+    parse_request,
+    plan_subscribe,
+    plan_unsubscribe,
+    pong_reply,
+    subscribe_reply,
+    unsubscribe_reply,
+)
+from fastproxy.streams import Stream
+
+log = logging.getLogger("fastproxy.server")
+
+# After a close frame, how long a client gets to read what is queued before the socket is cut.
+CLOSE_GRACE = 2.0
+HOUSEKEEPING_INTERVAL = 1.0
+# Client frames are tiny; picows grows the buffer when one is not.
+READ_BUFFER_INIT = 1024
+
+_JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+
+
+class ClientSession(WSListener):
+    """One downstream client. The hub appends frames to `out`; `flush` writes them in one go."""
+
+    def __init__(self, server: ProxyServer, peer: str) -> None:
+        super().__init__()
+        self.server = server
+        self.peer = peer
+        self.transport: WSTransport | None = None
+        self.raw: Any = None  # the asyncio transport under picows, written to directly
+        self.out: list[bytes] = []
+        self.streams: set[Stream] = set()
+        now = time.monotonic()
+        self.connected_at = now
+        self.last_seen = now
+        self.last_ping = now
+        self.over_soft_since: float | None = None
+        self.guard = FloodGuard(server.config.max_message_rate_per_client, now)
+        self.fragments: bytearray | None = None
+        self.closed = False
+        self.counted = False
+
+    # -- picows callbacks ----------------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.raw = transport.underlying_transport
+        soft = self.server.config.write_buffer_soft_limit
+        self.raw.set_write_buffer_limits(high=soft, low=soft // 4)
+        self.server.admit(self)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self.closed:
+            # Closing: the client's close reply ends it; anything else is read and discarded,
+            # because closing a socket with unread input makes the kernel reset it and the
+            # client would never read our close frame.
+            if frame.msg_type == WSMsgType.CLOSE:
+                transport.disconnect()
+            return
+        now = time.monotonic()
+        self.last_seen = now
+        msg_type = frame.msg_type
+        if msg_type == WSMsgType.PONG:
+            return
+        if msg_type == WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+            return
+        if msg_type == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        payload = self._assemble(frame, msg_type)
+        if payload is None:
+            return
+        verdict = self.guard.check(now)
+        if verdict:
+            if verdict == FloodGuard.WARN:
+                self.reply(
+                    error_reply(
+                        RATE_LIMIT_EXCEEDED,
+                        f"More than {self.server.config.max_message_rate_per_client} "
+                        "messages a second; messages are being dropped",
+                    )
+                )
+            elif verdict == FloodGuard.CLOSE:
+                self.server.count_drop("flooding")
+                self.close(CLOSE_FLOODING, "kept flooding after RATE_LIMIT_EXCEEDED")
+            return
+        if msg_type == WSMsgType.BINARY:
+            self.reply(error_reply(INVALID_JSON, "Binary frames are not supported; send JSON text"))
+            return
+        try:
+            self.server.handle_request(self, payload)
+        except Exception:
+            log.exception("request failed", extra={"peer": self.peer})
+            self.reply(error_reply(INTERNAL_ERROR, "Internal error"))
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        if self.over_soft_since is None:
+            self.over_soft_since = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self.over_soft_since = None
+
+    # -- output --------------------------------------------------------------------------
+
+    def _assemble(self, frame: WSFrame, msg_type: WSMsgType) -> bytes | None:
+        """Whole message payload, joining fragments; None while a message is incomplete."""
+        if msg_type == WSMsgType.CONTINUATION:
+            if self.fragments is None:
+                return None  # a continuation of nothing: ignore it
+            self.fragments += frame.get_payload_as_memoryview()
+            if len(self.fragments) > MAX_FRAME_SIZE:
+                self.fragments = None
+                self.server.count_drop("too_big")
+                self.close(CLOSE_TOO_BIG, "message too big")
+                return None
+            if not frame.fin:
+                return None
+            payload, self.fragments = bytes(self.fragments), None
+            return payload
+        if not frame.fin:
+            self.fragments = bytearray(frame.get_payload_as_memoryview())
+            return None
+        return frame.get_payload_as_bytes()
+
+    def reply(self, payload: bytes) -> None:
+        self.server.hub.send_payload(self, payload)
+
+    def flush(self) -> None:
+        out = self.out
+        if not out:
+            return
+        if self.closed:
+            out.clear()
+            return
+        count = len(out)
+        data = out[0] if count == 1 else b"".join(out)
+        out.clear()
+        raw = self.raw
+        raw.write(data)
+        server = self.server
+        server.frames_sent += count
+        server.bytes_sent += len(data)
+        if raw.get_write_buffer_size() > server.config.write_buffer_hard_limit:
+            server.count_drop("slow_client")
+            self.close(CLOSE_TOO_SLOW, "too slow: unread data passed the write-buffer cap")
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with a code the client can read: the close frame goes out behind what is
+        already queued, our side is half-closed, and the socket is cut when the client answers
+        or after a short grace, whichever comes first."""
+        if self.closed:
+            return
+        self.closed = True
+        self.out.clear()
+        self.server.forget(self)
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            transport.send_close(code, reason.encode()[:120])
+            if self.raw.can_write_eof():
+                self.raw.write_eof()
+        except Exception:
+            transport.disconnect(graceful=False)
+            return
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.disconnect, False)
+
+
+class ProxyServer:
+    """Owns the listening socket and every client session of this node."""
+
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        symbol_known: Callable[[str], bool | None] | None = None,
+        health: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
+        stats: Callable[[], dict[str, Any]] | None = None,
+        metrics: Callable[[], bytes] | None = None,
+        version: str = "",
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.symbol_known = symbol_known
+        self._health = health
+        self._stats = stats
+        self._metrics = metrics
+        self.version = version
+        self.sessions: set[ClientSession] = set()
+        self.ready = False
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.port = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.connections_total = 0
+        self.requests = 0
+        self.drops: dict[str, int] = {}
+        self.ping_interval = max(1.0, min(30.0, config.client_idle_timeout / 3))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await ws_create_server(
+            self._route,
+            self.config.host,
+            self.config.port,
+            max_frame_size=MAX_FRAME_SIZE,
+            enable_auto_pong=False,  # we answer pings ourselves: they count as client activity
+            enable_auto_ping=False,
+            read_buffer_init_size=READ_BUFFER_INIT,
+            websocket_handshake_timeout=10,
+            logger_name="server",
+            reuse_address=True,
+            use_aiofastnet=False,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        self.ready = True
+
+    async def drain(self) -> None:
+        """Graceful stop: refuse newcomers, close every client with 1001, stop listening."""
+        self.ready = False
+        self.draining = True
+        for session in list(self.sessions):
+            session.close(CLOSE_GOING_AWAY, "server shutting down")
+        deadline = time.monotonic() + CLOSE_GRACE
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 3.0)
+
+    # -- routing -------------------------------------------------------------------------
+
+    def _route(self, request: WSUpgradeRequest) -> Any:
+        path = request.path.split(b"?", 1)[0]
+        if path == b"/ws":
+            if self.draining or not self.ready:
+                return WSUpgradeResponseWithListener(
+                    WSUpgradeResponse.create_error_response(503, b"shutting down"), None
+                )
+            connection = request.headers.get("connection", "")
+            # Browsers and proxies send "keep-alive, Upgrade"; picows only accepts "upgrade".
+            if connection.lower() != "upgrade" and "upgrade" in (
+                token.strip().lower() for token in connection.split(",")
+            ):
+                request.headers["Connection"] = "Upgrade"
+            peer = request.headers.get("x-forwarded-for", "")
+            return ClientSession(self, peer)
+        if request.method != b"GET":
+            return _http(405, {"error": "method not allowed"})
+        if path == b"/":
+            return _http(
+                200,
+                {
+                    "name": "fastproxy",
+                    "version": self.version,
+                    "websocket": "/ws",
+                    "health": "/health",
+                    "ready": "/ready",
+                    "metrics": "/metrics",
+                },
+            )
+        if path == b"/health":
+            healthy, body = self._health() if self._health else (True, {})
+            body = {"status": "healthy" if healthy else "degraded", **body}
+            body["connections"] = len(self.sessions)
+            return _http(200 if healthy else 503, body)
+        if path == b"/ready":
+            return _http(200 if self.ready else 503, {"ok": self.ready})
+        if path == b"/stats":
+            return _http(200, self._stats() if self._stats else {})
+        if path == b"/metrics" and self._metrics is not None:
+            response = WSUpgradeResponse.create_ok_response(
+                self._metrics(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+            )
+            return WSUpgradeResponseWithListener(response, None)
+        return _http(404, {"error": "not found"})
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def admit(self, session: ClientSession) -> None:
+        self.connections_total += 1
+        if self.draining:
+            session.close(CLOSE_GOING_AWAY, "server shutting down")
+            return
+        if len(self.sessions) >= self.config.max_clients_total:
+            self.count_drop("connection_limit")
+            session.close(CLOSE_CONNECTION_LIMIT, "connection limit reached")
+            return
+        self.sessions.add(session)
+
+    def forget(self, session: ClientSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.hub.drop(session)
+
+    def count_drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        if reason not in ("connection_limit",):
+            log.info("client dropped", extra={"reason": reason})
+
+    def handle_request(self, session: ClientSession, payload: bytes) -> None:
+        self.requests += 1
+        try:
+            request = parse_request(payload)
+            if request.op == OP_PING:
+                session.reply(pong_reply(int(time.time() * 1000), request.req_id))
+            elif request.op == OP_SUBSCRIBE:
+                plan = plan_subscribe(
+                    request.args,
+                    session.streams,
+                    self.config.max_subscriptions_per_client,
+                    self.symbol_known,
+                    request.req_id,
+                )
+                session.reply(subscribe_reply(plan, request.req_id))  # the ack goes first
+                if plan.new_streams:
+                    self.hub.subscribe(session, plan.new_streams)
+            else:
+                unplan = plan_unsubscribe(request.args, session.streams)
+                self.hub.unsubscribe(session, unplan.streams)
+                session.reply(unsubscribe_reply(unplan, request.req_id))
+        except RequestError as exc:
+            session.reply(error_reply(exc.code, exc.message, exc.req_id))
+
+    async def _housekeep(self) -> None:
+        """Once a second: idle clients out, quiet clients pinged, slow clients dropped."""
+        config = self.config
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            now = time.monotonic()
+            idle_limit = config.client_idle_timeout
+            slow_limit = config.fanout_callback_timeout
+            ping_interval = self.ping_interval
+            for session in list(self.sessions):
+                quiet = now - session.last_seen
+                if quiet > idle_limit:
+                    self.count_drop("idle")
+                    session.close(CLOSE_IDLE, "idle timeout")
+                elif (
+                    session.over_soft_since is not None
+                    and now - session.over_soft_since > slow_limit
+                ):
+                    self.count_drop("slow_client")
+                    session.close(CLOSE_TOO_SLOW, "too slow: stayed over the write-buffer mark")
+                elif quiet > ping_interval and now - session.last_ping > ping_interval:
+                    session.last_ping = now
+                    if session.transport is not None:
+                        session.transport.send_ping()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connected": len(self.sessions),
+            "connections_total": self.connections_total,
+            "max_clients": self.config.max_clients_total,
+            "requests": self.requests,
+            "messages_sent": self.frames_sent,
+            "bytes_sent": self.bytes_sent,
+            "drops": dict(self.drops),
+        }
+
+
+def _http(status: int, body: dict[str, Any]) -> WSUpgradeResponseWithListener:
+    """A JSON answer to a plain GET (picows sends it with `Connection: close`)."""
+    data = orjson.dumps(body)
+    if status == 200:
+        response = WSUpgradeResponse.create_ok_response(data, _JSON)
+    else:
+        response = WSUpgradeResponse.create_error_response(status, data, _JSON)
+    return WSUpgradeResponseWithListener(response, None)

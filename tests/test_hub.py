@@ -1,0 +1,166 @@
+"""The hub without sockets: registry, corked fan-out, snapshots for late joiners, linger."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from fastproxy.codec import Message, new_codec
+from fastproxy.hub import Hub
+from fastproxy.streams import Stream, parse_stream_arg
+
+TICKER = parse_stream_arg("ticker:BTCUSDT")
+SNAPSHOT = {
+    "topic": "tickers.BTCUSDT",
+    "type": "snapshot",
+    "data": {"symbol": "BTCUSDT", "lastPrice": "100.0", "bid1Price": "99.9", "ask1Price": "100.1"},
+    "cs": 1,
+    "ts": 1000,
+}
+
+
+def delta(price: str, ts: int) -> dict[str, Any]:
+    return {
+        "topic": "tickers.BTCUSDT",
+        "type": "delta",
+        "data": {"symbol": "BTCUSDT", "lastPrice": price},
+        "cs": ts,
+        "ts": ts,
+    }
+
+
+class FakeBus:
+    name = "fake"
+    healthy = True
+
+    def __init__(self) -> None:
+        self.acquired: list[Stream] = []
+        self.released: list[Stream] = []
+
+    def attach(self, deliver: Any, reset: Any, reject: Any) -> None:
+        self.deliver, self.reset, self.reject = deliver, reset, reject
+
+    def acquire(self, stream: Stream) -> None:
+        self.acquired.append(stream)
+
+    def release(self, stream: Stream) -> None:
+        self.released.append(stream)
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.streams: set[Stream] = set()
+        self.writes: list[bytes] = []
+
+    def flush(self) -> None:
+        self.writes.append(b"".join(self.out))
+        self.out.clear()
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Decode the frames written so far (server frames: 0x81 + length + payload)."""
+        result = []
+        for data in self.writes:
+            pos = 0
+            while pos < len(data):
+                length, pos = data[pos + 1] & 0x7F, pos + 2
+                if length == 126:
+                    length, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+                result.append(orjson.loads(data[pos : pos + length]))
+                pos += length
+        return result
+
+
+async def tick() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+def feed(codec: Any, frame: dict[str, Any], hub: Hub) -> list[Message]:
+    messages = codec.feed(frame)
+    for message in messages:
+        hub.deliver(message)
+    return messages
+
+
+async def test_first_subscriber_acquires_and_one_write_per_tick() -> None:
+    bus = FakeBus()
+    hub = Hub(bus, linger=0)
+    codec = new_codec(TICKER)
+    a, b = FakeSession(), FakeSession()
+    hub.subscribe(a, [TICKER])
+    hub.subscribe(b, [TICKER])
+    assert bus.acquired == [TICKER]
+    feed(codec, SNAPSHOT, hub)
+    for i in range(5):
+        feed(codec, delta(f"10{i}.0", 2000 + i), hub)
+    await tick()
+    assert len(a.writes) == 1 and a.writes == b.writes  # six frames, one write, same bytes
+    assert [m["seq"] for m in a.messages()] == [1, 2, 3, 4, 5, 6]
+    assert a.messages()[0]["type"] == "snapshot"
+    assert hub.deliveries == 12
+
+
+async def test_late_joiner_snapshot_joins_without_gap() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    early, late = FakeSession(), FakeSession()
+    hub.subscribe(early, [TICKER])
+    feed(codec, SNAPSHOT, hub)
+    feed(codec, delta("101.0", 2000), hub)
+    hub.subscribe(late, [TICKER])
+    feed(codec, delta("102.0", 3000), hub)
+    await tick()
+    got = late.messages()
+    assert [(m["type"], m["seq"]) for m in got] == [("snapshot", 2), ("update", 3)]
+    assert got[0]["data"]["price"] == "101.0"
+    assert got[0]["data"] == early.messages()[1]["data"]
+
+
+async def test_last_unsubscribe_releases_after_linger_unless_someone_returns() -> None:
+    bus = FakeBus()
+    hub = Hub(bus, linger=0.05)
+    session = FakeSession()
+    hub.subscribe(session, [TICKER])
+    hub.unsubscribe(session, [TICKER])
+    hub.subscribe(session, [TICKER])  # back within the linger
+    await asyncio.sleep(0.1)
+    assert bus.released == [] and bus.acquired == [TICKER]
+    hub.drop(session)
+    await asyncio.sleep(0.1)
+    assert bus.released == [TICKER] and not hub.holds(TICKER)
+
+
+async def test_reject_tells_every_holder_and_forgets_the_stream() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    a, b = FakeSession(), FakeSession()
+    hub.subscribe(a, [TICKER])
+    hub.subscribe(b, [TICKER])
+    hub.reject(TICKER, "error:handler not found,topic:tickers.BTCUSDT")
+    await tick()
+    for session in (a, b):
+        (error,) = session.messages()
+        assert error["code"] == "UPSTREAM_REJECTED" and error["args"] == ["ticker:BTCUSDT"]
+        assert session.streams == set()
+    assert not hub.holds(TICKER)
+
+
+async def test_reset_forgets_the_snapshot_until_fresh_state_arrives() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    early, late = FakeSession(), FakeSession()
+    hub.subscribe(early, [TICKER])
+    feed(codec, SNAPSHOT, hub)
+    codec.reset()
+    hub.reset(TICKER)
+    hub.subscribe(late, [TICKER])
+    await tick()
+    assert late.messages() == []  # nothing stale
+    feed(codec, SNAPSHOT, hub)
+    await tick()
+    assert [m["type"] for m in late.messages()] == ["snapshot"]
