@@ -85,8 +85,18 @@ def _http_url(raw: str) -> str:
 
 def _redis_url(raw: str) -> str:
     value = raw.strip()
-    if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+    if not value:
+        return value
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("a redis://, rediss:// or unix:// URL, or empty for one node")
+    # The bus's own options (?cluster=, ?prefix=, ?ttl=) are checked here, so a bad one fails
+    # at start with one line like every other setting. Imported late: it pulls in redis-py.
+    from fastproxy.bus.redis import parse_redis_url
+
+    try:
+        parse_redis_url(value)
+    except ValueError as exc:
+        raise ValueError(f"valid options: {exc}") from None
     return value
 
 

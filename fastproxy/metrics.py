@@ -13,6 +13,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+# Counters the Redis bus reports in its status; the memory bus has none of them.
+_BUS_COUNTERS = {
+    "published": "Messages this node published to Redis as owner",
+    "publish_dropped": "Messages dropped because the publish queue was full",
+    "received": "Messages received from Redis for streams owned elsewhere",
+    "duplicates_dropped": "Messages dropped as already delivered (seq at or below the last)",
+    "gaps": "Seq jumps delivered as snapshots",
+    "leases_won": "Stream leases this node took",
+    "leases_lost": "Stream leases this node lost",
+    "redis_errors": "Redis errors seen by the bus",
+}
+
 
 class ProxyCollector(Collector):
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
@@ -77,11 +89,22 @@ class ProxyCollector(Collector):
             "Malformed upstream frames dropped",
             value=s.get("feed", {}).get("codec_errors", 0),
         )
+        bus = s["bus"]
         yield GaugeMetricFamily(
             "fastproxy_bus_healthy",
             "1 when the bus (Redis in cluster mode) is reachable",
-            value=1 if s["bus"].get("healthy") else 0,
+            value=1 if bus.get("healthy") else 0,
         )
+        roles = GaugeMetricFamily(
+            "fastproxy_bus_streams", "Streams by this node's role for them", labels=["role"]
+        )
+        for role in ("owned", "following", "local"):
+            if f"streams_{role}" in bus:
+                roles.add_metric([role], bus[f"streams_{role}"])
+        yield roles
+        for key, help_text in _BUS_COUNTERS.items():
+            if key in bus:
+                yield CounterMetricFamily(f"fastproxy_bus_{key}", help_text, value=bus[key])
 
 
 def metrics_renderer(snapshot: Callable[[], dict[str, Any]]) -> Callable[[], bytes]:

@@ -43,6 +43,8 @@ def test_testnet_only_when_no_url_given() -> None:
         ({"LOG_FORMAT": "xml"}, "json or text"),
         ({"BYBIT_WS_URL": "https://x"}, "ws:// or wss://"),
         ({"REDIS_URL": "http://x"}, "redis://"),
+        ({"REDIS_URL": "redis://127.0.0.1:6379/0?ttl=0"}, "ttl"),
+        ({"REDIS_URL": "redis://127.0.0.1:6379/0?cluster=maybe"}, "cluster"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], words: str) -> None:
