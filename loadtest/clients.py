@@ -1,0 +1,275 @@
+"""The fan-out benchmark's client side: one process holding many picows connections.
+
+Per message it does only what the numbers need: find `"timestamp":` and `"seq":` with
+bytes.rfind (no JSON parse), check seq is +1 on the stream, and count the delivery latency
+into a histogram (0.1 ms bins). The stream id is the payload's first field, so it is a slice.
+Every server under test writes data messages as `{"stream":"...", ..., "timestamp":T,
+"source":"mudrex","seq":N}`.
+
+A worker runs in its own process (see fanout.py) and talks to its parent over a Pipe:
+it connects and subscribes, reports `ready`, waits for the measuring window (wall-clock start
+and end), counts deliveries inside it, then reports `final` and closes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+import uvloop
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+# Latency histogram: 0.1 ms bins up to 10 s, then 10 ms bins up to 120 s (an overloaded
+# baseline runs that late); anything later lands in the last bin.
+FINE_BINS = 100_000
+COARSE_MS = 10.0
+HIST_BINS = FINE_BINS + 11_000
+
+
+def bin_upper_ms(slot: int) -> float:
+    """The upper edge of a histogram bin, ms."""
+    if slot < FINE_BINS:
+        return (slot + 1) / 10.0
+    return FINE_BINS / 10.0 + (slot - FINE_BINS + 1) * COARSE_MS
+
+
+_TEXT = WSMsgType.TEXT
+_CLOSE = WSMsgType.CLOSE
+_DATA = b'{"stream":"'
+_TS = b',"timestamp":'
+_SEQ = b',"seq":'
+
+
+@dataclass
+class WorkerSpec:
+    url: str
+    clients: int
+    streams: list[str]
+    # connects a second from this worker; 0: as fast as `concurrency` in-flight handshakes allow
+    connect_rate: float = 0.0
+    concurrency: int = 100
+    ready_timeout: float = 60.0
+    read_buffer: int = 4096
+
+
+class Tally:
+    """Everything one worker counts; the probes write into it directly to keep the path short."""
+
+    __slots__ = (
+        "closing",
+        "connect_ms",
+        "connected",
+        "count",
+        "disconnects",
+        "dup",
+        "errors",
+        "failed",
+        "hist",
+        "lost",
+        "max_ms",
+        "measuring",
+        "spans",
+        "streams",
+        "subscribed",
+    )
+
+    def __init__(self, streams: int) -> None:
+        self.streams = streams
+        self.measuring = False
+        self.count = 0
+        self.hist = [0] * (HIST_BINS + 1)
+        self.max_ms = 0.0
+        self.lost = 0
+        self.dup = 0
+        self.connected = 0
+        self.failed = 0
+        self.subscribed = 0
+        self.disconnects = 0
+        self.closing = False
+        self.errors: list[str] = []
+        self.connect_ms: list[float] = []  # connect start to the last stream's first message
+        # stream -> [first, last] seq inside the window, from one probe: the upstream rate
+        self.spans: dict[bytes, list[int]] = {}
+
+
+class Probe(WSListener):
+    # Slots: attributes of a subclass of picows' extension type otherwise take CPython's
+    # generic (slow) lookup, and this runs for every message.
+    __slots__ = ("last", "request", "spans", "started", "tally", "transport")
+
+    def __init__(self, tally: Tally, request: bytes, started: float) -> None:
+        super().__init__()
+        self.tally = tally
+        self.request = request
+        self.started = started
+        self.last: dict[bytes, int] = {}
+        self.transport: WSTransport | None = None
+        self.spans = not tally.connected  # the worker's first connection notes the spans
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.tally.connected += 1
+        transport.send(_TEXT, self.request)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        if not payload.startswith(_DATA):  # the rare case: not a data message
+            msg_type = frame.msg_type
+            if msg_type == _TEXT:
+                self._control(payload)
+            elif msg_type == _CLOSE:
+                transport.disconnect()
+            return
+        seq = int(payload[payload.rfind(_SEQ) + 7 : -1])
+        sid = payload[11 : payload.index(b'"', 11)]
+        tally = self.tally
+        last = self.last
+        prev = last.get(sid)
+        last[sid] = seq
+        if prev is None:
+            if len(last) == tally.streams:
+                tally.subscribed += 1
+                tally.connect_ms.append((time.perf_counter() - self.started) * 1000.0)
+        elif seq != prev + 1:
+            if seq > prev:
+                tally.lost += seq - prev - 1
+            else:
+                tally.dup += 1
+        if not tally.measuring:
+            return
+        i = payload.rfind(_TS) + 13
+        latency = time.time() * 1000.0 - int(payload[i : payload.index(b",", i)])
+        tally.count += 1
+        if latency > tally.max_ms:
+            tally.max_ms = latency
+        slot = int(latency * 10.0)
+        if slot >= FINE_BINS:
+            slot = min(HIST_BINS, FINE_BINS + int((latency - 10_000.0) / COARSE_MS))
+        elif slot < 0:
+            slot = 0
+        tally.hist[slot] += 1
+        if self.spans:
+            span = tally.spans.get(sid)
+            if span is None:
+                tally.spans[sid] = [seq, seq]
+            else:
+                span[1] = seq
+
+    def _control(self, payload: bytes) -> None:
+        try:
+            reply = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if reply.get("op") == "error" and len(self.tally.errors) < 20:
+            self.tally.errors.append(str(reply.get("code")))
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.tally.closing:
+            self.tally.disconnects += 1
+
+
+async def _connect(spec: WorkerSpec, tally: Tally, request: bytes, probes: list[Probe]) -> None:
+    started = time.perf_counter()
+    try:
+        _, probe = await ws_connect(
+            lambda: Probe(tally, request, started),
+            spec.url,
+            websocket_handshake_timeout=30,
+            read_buffer_init_size=spec.read_buffer,
+        )
+    except Exception as exc:
+        tally.failed += 1
+        if len(tally.errors) < 20:
+            tally.errors.append(f"connect: {type(exc).__name__}: {exc}")
+        return
+    if not isinstance(probe, Probe):  # picows gave back something else: count, never crash
+        tally.failed += 1
+        if len(tally.errors) < 20:
+            tally.errors.append(f"connect: got a {type(probe).__name__}, not a Probe")
+        return
+    probes.append(probe)
+
+
+async def _connect_all(spec: WorkerSpec, tally: Tally, probes: list[Probe]) -> None:
+    loop = asyncio.get_running_loop()
+    request = orjson.dumps({"op": "subscribe", "args": spec.streams})
+    tasks: list[asyncio.Task[None]] = []
+    if spec.connect_rate > 0:
+        start = loop.time()
+        for n in range(spec.clients):
+            delay = start + n / spec.connect_rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(loop.create_task(_connect(spec, tally, request, probes)))
+    else:
+        gate = asyncio.Semaphore(spec.concurrency)
+
+        async def gated() -> None:
+            async with gate:
+                await _connect(spec, tally, request, probes)
+
+        tasks = [loop.create_task(gated()) for _ in range(spec.clients)]
+    await asyncio.gather(*tasks)
+
+
+async def _recv(conn: Connection) -> Any:
+    # The pipe is blocking; a thread keeps the loop (and the probes) running meanwhile.
+    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+
+async def run_worker(conn: Connection, spec: WorkerSpec) -> None:
+    loop = asyncio.get_running_loop()
+    tally = Tally(len(spec.streams))
+    probes: list[Probe] = []
+    await _connect_all(spec, tally, probes)
+    deadline = loop.time() + spec.ready_timeout
+    while tally.subscribed + tally.failed < spec.clients and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    conn.send(
+        {
+            "connected": tally.connected,
+            "failed": tally.failed,
+            "subscribed": tally.subscribed,
+            "connect_ms": tally.connect_ms,
+            "errors": tally.errors,
+        }
+    )
+    command = await _recv(conn)
+    if command[0] == "measure":
+        t0, t1 = command[1], command[2]
+        await asyncio.sleep(max(0.0, t0 - time.time()))
+        tally.measuring = True
+        await asyncio.sleep(max(0.0, t1 - time.time()))
+        tally.measuring = False
+    tally.closing = True
+    conn.send(
+        {
+            "count": tally.count,
+            "hist": tally.hist,
+            "max_ms": tally.max_ms,
+            "lost": tally.lost,
+            "dup": tally.dup,
+            "disconnects": tally.disconnects,
+            "connected_at_end": sum(
+                1 for p in probes if p.transport is not None and not p.transport.is_disconnected
+            ),
+            "spans": {k.decode(): v for k, v in tally.spans.items()},
+            "errors": tally.errors,
+        }
+    )
+    for probe in probes:
+        if probe.transport is not None:
+            with contextlib.suppress(Exception):
+                probe.transport.disconnect()
+    await asyncio.sleep(0.2)
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """Process entry point."""
+    uvloop.run(run_worker(conn, spec))
+    conn.close()
