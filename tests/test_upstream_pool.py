@@ -10,7 +10,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import orjson
@@ -19,10 +19,11 @@ import uvloop
 from picows import WSMsgType
 from picows.picows import _make_test_ws_frame
 
-from fastproxy.sim import SimConfig, Simulator
+from fastproxy.sim import Simulator
 from fastproxy.upstream import SymbolCatalogue, UpstreamPool, UpstreamSettings, default_rest_url
 from fastproxy.upstream.catalogue import fetch_symbols
 from fastproxy.upstream.connection import Runner
+from tests import proxyutil
 
 TICKERS = ["tickers.BTCUSDT", "tickers.ETHUSDT", "tickers.SOLUSDT", "tickers.XRPUSDT"]
 MIXED = [
@@ -65,16 +66,9 @@ class Recorder:
         return len(self.frames.get(topic, ()))
 
 
-@asynccontextmanager
-async def running_sim(**overrides: Any) -> AsyncIterator[Simulator]:
-    options: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "seed": 1, "ticker_interval": 0.1}
-    options.update(overrides)
-    sim = Simulator(SimConfig(**options))
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
+def running_sim(**overrides: Any) -> AbstractAsyncContextManager[Simulator]:
+    """The shared simulator fixture, at the pace these tests were written for."""
+    return proxyutil.running_sim(**{"seed": 1, "ticker_interval": 0.1, **overrides})
 
 
 @asynccontextmanager
