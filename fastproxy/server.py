@@ -77,7 +77,6 @@ class ClientSession(WSListener):
     __slots__ = (
         "closed",
         "connected_at",
-        "counted",
         "fragments",
         "guard",
         "last_ping",
@@ -107,7 +106,6 @@ class ClientSession(WSListener):
         self.guard = FloodGuard(server.config.max_message_rate_per_client, now)
         self.fragments: bytearray | None = None
         self.closed = False
-        self.counted = False
 
     # -- picows callbacks ----------------------------------------------------------------
 
