@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from fastproxy.codec import IMPLEMENTATION
 from fastproxy.config import Config
 from fastproxy.feed import Feed
 from fastproxy.hub import Hub
+from fastproxy.latency import Histogram
 from fastproxy.logs import setup_logging
 from fastproxy.metrics import metrics_renderer
 from fastproxy.server import ProxyServer
@@ -65,7 +67,7 @@ class App:
             symbol_known=self.catalogue.check,
             health=self.health,
             stats=self.stats,
-            metrics=metrics_renderer(self.stats),
+            metrics=metrics_renderer(self.stats, self.latency),
             version=__version__,
         )
         await self.catalogue.start()
@@ -80,6 +82,8 @@ class App:
                 "bus": self.bus.name,
                 "codec": IMPLEMENTATION,
                 "environment": config.environment,
+                "tls": bool(config.tls_cert),
+                "api_keys": len(self.server.keys.ids) if self.server.keys.enabled else "off",
             },
         )
 
@@ -112,7 +116,7 @@ class App:
         upstream = self.feed.pool.status()
         bus = self.bus.status()
         reasons = []
-        down_since = upstream.get("down_since")
+        down_since = self.feed.pool.down_since  # monotonic; the status shows epoch ms
         if (
             down_since is not None
             and time.monotonic() - down_since > self.config.upstream_down_threshold
@@ -142,11 +146,21 @@ class App:
             "catalogue": self.catalogue.status(),
         }
 
+    def latency(self) -> dict[str, dict[str, Histogram]]:
+        assert self.feed is not None and self.hub is not None
+        return {"exchange_lag": self.feed.lag, "residence": self.hub.residence}
+
+    def reload(self) -> None:
+        """SIGHUP: re-read what may change without a restart (the API key file)."""
+        if self.server is not None:
+            self.server.reload_keys()
+
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await stop.wait()
         log.info("shutting down")
@@ -162,7 +176,15 @@ def run(config: Config) -> int:
     setup_logging(config.log_format, config.debug, config.environment)
     try:
         uvloop.run(App(config).run_until_signalled())
-    except OSError as exc:  # port in use, address not available
-        log.error("cannot start: %s", exc)
+    except ssl.SSLError as exc:  # TLS_CERT / TLS_KEY unusable (before OSError: a subclass)
+        log.error("cannot load TLS_CERT=%s TLS_KEY=%s: %s", config.tls_cert, config.tls_key, exc)
+        return 1
+    except OSError as exc:  # port in use, address not available, no such host
+        log.error(
+            "cannot listen on HOST=%s PORT=%s: %s",
+            config.host,
+            config.port,
+            exc.strerror or exc,
+        )
         return 1
     return 0

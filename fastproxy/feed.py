@@ -10,10 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 from fastproxy.codec import CodecError, Message, new_codec
+from fastproxy.latency import Histogram
 from fastproxy.streams import Stream, StreamError, stream_for_topic
 from fastproxy.upstream import UpstreamPool, UpstreamSettings
 
 log = logging.getLogger("fastproxy.feed")
+_wall_clock = time.time
 
 
 def _ignore_message(message: Message) -> None:
@@ -36,6 +38,9 @@ class Feed:
         )
         self.messages_out = 0
         self.codec_errors = 0
+        # exchange `ts` -> receipt here, by stream kind; topic -> its kind's histogram
+        self.lag: dict[str, Histogram] = {}
+        self._lag_of: dict[str, Histogram] = {}
         self._last_error_log = 0.0
 
     def attach(
@@ -62,12 +67,17 @@ class Feed:
             return
         self._streams[stream.topic] = stream
         self._codecs[stream.topic] = new_codec(stream, seq)
+        lag = self.lag.get(stream.kind)
+        if lag is None:
+            lag = self.lag[stream.kind] = Histogram()
+        self._lag_of[stream.topic] = lag
         self.pool.subscribe([stream.topic])
 
     def remove(self, stream: Stream) -> None:
         if self._streams.pop(stream.topic, None) is None:
             return
         self._codecs.pop(stream.topic, None)
+        self._lag_of.pop(stream.topic, None)
         self.pool.unsubscribe([stream.topic])
 
     def seq(self, stream: Stream) -> int | None:
@@ -78,6 +88,10 @@ class Feed:
         codec = self._codecs.get(topic)
         if codec is None:  # in flight when we unsubscribed
             return
+        ts = frame.get("ts")
+        if type(ts) is int:
+            lag = _wall_clock() - ts * 0.001
+            self._lag_of[topic].observe(lag if lag > 0.0 else 0.0)  # skewed clocks: 0
         try:
             messages = codec.feed(frame)
         except CodecError as exc:
@@ -104,6 +118,7 @@ class Feed:
     def _on_failed(self, topic: str, reason: str) -> None:
         stream = self._streams.pop(topic, None)
         self._codecs.pop(topic, None)
+        self._lag_of.pop(topic, None)
         if stream is None:
             try:
                 stream = stream_for_topic(topic)

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
 from fastproxy.codec import Message, as_snapshot, ws_text_frame
+from fastproxy.latency import Histogram
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import KINDS, Stream
 
 log = logging.getLogger("fastproxy.hub")
+_clock = time.perf_counter
 
 
 class Subscriber(Protocol):
@@ -54,6 +57,10 @@ class Hub:
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
+        # residence: a Message's arrival here -> written to every local subscriber, by kind
+        self.residence: dict[str, Histogram] = {kind: Histogram() for kind in KINDS}
+        self._arrived_ids: list[str] = []  # Messages fanned out since the last flush
+        self._arrived_at: list[float] = []
         bus.attach(self.deliver, self.reset, self.reject)
 
     # -- subscriptions -------------------------------------------------------------------
@@ -142,6 +149,8 @@ class Hub:
         self._snapshots.pop(sid, None)
         if not subs:
             return
+        self._arrived_ids.append(sid)
+        self._arrived_at.append(_clock())
         frame = message.frame
         dirty = self._dirty
         for session in subs:
@@ -177,6 +186,21 @@ class Hub:
                 session.flush()
             except Exception:  # one broken session must not stop the others' writes
                 log.exception("flush failed")
+        if self._arrived_at:
+            self._count_residence()
+
+    def _count_residence(self) -> None:
+        written = _clock()
+        streams, residence = self._streams, self.residence
+        for sid, arrived in zip(self._arrived_ids, self._arrived_at, strict=True):
+            stream = streams.get(sid)
+            if stream is not None:
+                histogram = residence.get(stream.kind)
+                if histogram is None:
+                    histogram = residence[stream.kind] = Histogram()
+                histogram.observe(written - arrived)
+        self._arrived_ids.clear()
+        self._arrived_at.clear()
 
     def reset(self, stream: Stream) -> None:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
