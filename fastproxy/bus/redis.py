@@ -601,10 +601,12 @@ class RedisBus:
         st.role = OWNER
         st.buffer = None
         self.leases_won += 1
+        log.info("stream owner: this node", extra={"stream": st.stream.stream_id, "seq": base})
 
     def _lose_ownership(self, st: _StreamState) -> None:
         if st.role is OWNER:
             self.leases_lost += 1
+            log.info("stream owner: another node", extra={"stream": st.stream.stream_id})
         self._feed.remove(st.stream)
         st.role = NONE
 
