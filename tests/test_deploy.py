@@ -266,3 +266,25 @@ async def test_make_demo_in_a_fresh_copy_installs_no_test_tools(tmp_path: Path) 
     finally:
         os.killpg(process.pid, 15)
         process.wait(30)
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", markdown, re.M)
+    return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/protocol.md"])
+def test_docs_link_only_what_is_in_the_repository(document: str) -> None:
+    path = ROOT / document
+    text = path.read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    for link in links:
+        assert not re.match(r"[a-z]+:", link), f"{document} links outside the repository: {link}"
+        target, _, anchor = link.partition("#")
+        if target:
+            assert (path.parent / target).exists(), f"{document}: {link} is not in the repository"
+        if anchor:
+            doc = (path.parent / target).read_text() if target else text
+            assert anchor in _anchors(doc), f"{document}: no heading for #{anchor}"
+    assert ".." not in " ".join(re.findall(r"`([^`]*\.md)`", text)), "a path outside the repo"
