@@ -190,6 +190,7 @@ def _copy_of_repository(target: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_image_build_steps_without_docker(tmp_path: Path) -> None:
     """The Dockerfile's build stage (`pip wheel .`) and run stage (install the wheels into a
     clean environment, run the entrypoint, the health check passes, the dashboard ships)."""
@@ -239,6 +240,7 @@ async def test_image_build_steps_without_docker(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_make_demo_in_a_fresh_copy_installs_no_test_tools(tmp_path: Path) -> None:
     source = _copy_of_repository(tmp_path / "src")
     port = free_port()
