@@ -63,6 +63,10 @@ log = logging.getLogger("fastproxy.server")
 # After a close frame, how long a client gets to read what is queued before the socket is cut.
 CLOSE_GRACE = 2.0
 HOUSEKEEPING_INTERVAL = 1.0
+# A client over its frame rate is not read from for this long: TCP flow control then holds its
+# flood in the kernel at no cost to us, instead of every frame being parsed only to be dropped.
+# Shorter than the second without refusals that ends a flood, so a flood stays one flood.
+FLOOD_READ_PAUSE = 0.5
 # Client frames are tiny; picows grows the buffer when one is not.
 READ_BUFFER_INIT = 1024
 # Connections the kernel may queue before we accept them (it caps this at net.core.somaxconn).
@@ -188,6 +192,10 @@ class ClientSession(WSListener):
         """A frame over the rate limit: dropped unanswered, a fragmented message with it."""
         if self.assembler is not None:
             self.assembler.discard()
+        raw = self.raw
+        if verdict != FloodGuard.CLOSE and raw.is_reading():
+            raw.pause_reading()
+            asyncio.get_running_loop().call_later(FLOOD_READ_PAUSE, self._resume_reading)
         if verdict == FloodGuard.WARN:
             self.reply(
                 error_reply(
@@ -197,8 +205,16 @@ class ClientSession(WSListener):
                 )
             )
         elif verdict == FloodGuard.CLOSE:
+            # Read again while closing: unread input would make the kernel reset the
+            # connection, and the client would never see the close code.
+            self._resume_reading()
             self.server.count_drop("flooding")
             self.close(CLOSE_FLOODING, "kept flooding after RATE_LIMIT_EXCEEDED")
+
+    def _resume_reading(self) -> None:
+        raw = self.raw
+        if not raw.is_closing() and not raw.is_reading():
+            raw.resume_reading()
 
     def violation(self, code: int, reason: str) -> None:
         """A frame that breaks RFC 6455: closed with its code (1002, 1007, 1009)."""
