@@ -54,7 +54,6 @@ class Hub:
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
-        bus.attach(self.deliver, self.reset, self.reject)
 
     # -- subscriptions -------------------------------------------------------------------
 

@@ -56,10 +56,10 @@ class FakeFeed:
         self.fresh: set[str] = set()
         self.adds: list[tuple[str, int]] = []
         self.removes: list[str] = []
-        self.deliver: Callable[[Message], None] = lambda m: None
+        self.handler: Any = None
 
-    def attach(self, deliver: Any, reset: Any, reject: Any) -> None:
-        self.deliver, self.reset, self.reject = deliver, reset, reject
+    def attach(self, handler: Any) -> None:
+        self.handler = handler
 
     async def start(self) -> None:
         return None
@@ -96,7 +96,7 @@ class FakeFeed:
             self.seqs[topic] = seq
             mtype = "snapshot" if topic in self.fresh else "update"
             self.fresh.discard(topic)
-            self.deliver(make_message(stream, seq, mtype, self.epochs[topic]))
+            self.handler.deliver(make_message(stream, seq, mtype, self.epochs[topic]))
 
 
 def make_message(stream: Stream, seq: int, mtype: str = "update", epoch: str = "") -> Message:
@@ -141,7 +141,7 @@ class Node:
         self.hub = Recorder()
         config = Config(redis_url=url, redis_max_connections=max_connections)
         self.bus = RedisBus(self.feed, config, node_id=name or None)  # type: ignore[arg-type]
-        self.bus.attach(self.hub.deliver, self.hub.reset, self.hub.reject)
+        self.bus.attach(self.hub)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -636,11 +636,11 @@ async def test_owner_reset_and_rejection_reach_every_holder(
         await until(lambda: a.bus.role(BTC) == OWNER)
         b.bus.acquire(BTC)
         await until(lambda: len(b.hub.seqs(BTC)) >= 5)
-        a.feed.reset(BTC)  # the owner's upstream connection was re-established
+        a.feed.handler.reset(BTC)  # the owner's upstream connection was re-established
         await until(lambda: b.hub.resets == [BTC.stream_id], what="reset relayed")
         # the exchange refuses the topic: the real feed drops it, then reports it
         a.feed.remove(BTC)
-        a.feed.reject(BTC, "topic unknown")
+        a.feed.handler.reject(BTC, "topic unknown")
         await until(lambda: b.hub.rejects == [(BTC.stream_id, "topic unknown")])
         assert a.hub.rejects == [(BTC.stream_id, "topic unknown")]
         await until(lambda: not a.bus._states and not b.bus._states, what="stream forgotten")

@@ -44,13 +44,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
-from fastproxy.bus import lua
-from fastproxy.codec import Message, as_snapshot, ws_text_frame
+from fastproxy.bus import Callbacks, lua
+from fastproxy.bus.delivery import Delivery
+from fastproxy.codec import Message, ws_text_frame
 from fastproxy.config import Config, ConfigError
 from fastproxy.streams import Stream
 
 if TYPE_CHECKING:
-    from fastproxy.bus import DeliverFn, RejectFn, ResetFn
+    from fastproxy.bus import Handler
     from fastproxy.feed import Feed
 
 log = logging.getLogger("fastproxy.bus")
@@ -157,10 +158,8 @@ class _StreamState:
         "k_interest",
         "k_last",
         "k_lease",
-        "last_seq",
         "rebase",
         "reject_reason",
-        "resync",
         "role",
         "sid",
         "stream",
@@ -177,8 +176,6 @@ class _StreamState:
         self.channel = f"{tag}:ch".encode()
         self.held = False  # local clients hold it
         self.role = NONE
-        self.last_seq: int | None = None  # last seq delivered to the hub (dedupe)
-        self.resync = False  # the next delivery is a snapshot whatever its seq
         self.rebase = False  # the coming stored snapshot starts a new seq line here
         self.buffer: list[Message] | None = None  # channel Messages held until the snapshot
         self.sub: _Subscriber | None = None  # the pub/sub connection carrying its channel
@@ -309,9 +306,9 @@ class RedisBus:
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self._node = self.node_id.encode()
         self._k_nodes = f"{self.prefix}:nodes"
-        self._deliver: DeliverFn = _ignore
-        self._reset: ResetFn = _ignore
-        self._reject: RejectFn = _ignore
+        # what reaches the hub passes the delivery rules every engine shares
+        self._delivery = Delivery()
+        feed.attach(Callbacks(self._on_feed_message, self._on_feed_reset, self._on_feed_reject))
         self._states: dict[str, _StreamState] = {}
         self._dirty: set[str] = set()  # streams whose interest/lease need a script this pass
         self._fetch: set[str] = set()  # followers whose subscription is confirmed: snapshot
@@ -331,8 +328,6 @@ class RedisBus:
         self.publish_dropped = 0
         self.publish_fenced = 0
         self.received = 0
-        self.duplicates = 0
-        self.gaps = 0
         self.leases_won = 0
         self.leases_lost = 0
         self.redis_errors = 0
@@ -341,12 +336,10 @@ class RedisBus:
 
     # -- the Bus interface ---------------------------------------------------------------
 
-    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
-        self._deliver, self._reset, self._reject = deliver, reset, reject
-        self._feed.attach(self._on_feed_message, self._on_feed_reset, self._on_feed_reject)
+    def attach(self, handler: Handler) -> None:
+        self._delivery.attach(handler)
 
     async def start(self) -> None:
-        await self._feed.start()
         try:
             await self._connect()
         except Exception as exc:  # a node starts and serves even when Redis is down
@@ -366,7 +359,6 @@ class RedisBus:
             except Exception as exc:
                 log.warning("could not hand streams over on stop", extra={"error": repr(exc)})
         await self._drop_connections()
-        await self._feed.stop()
 
     async def _halt(self) -> None:
         """Stop the background tasks: they see `_stopping` and leave at their next step.
@@ -396,7 +388,7 @@ class RedisBus:
         st.held = True
         # the hub has no state for a stream it did not hold: whatever comes next (a kept
         # subscription's update, an owner's update) goes to it as a snapshot
-        st.resync = True
+        self._delivery.hold(st.sid)
         if self._healthy:
             self._mark(st)
         elif st.role == NONE:
@@ -407,6 +399,7 @@ class RedisBus:
         if st is None or not st.held:
             return
         st.held = False
+        self._delivery.unhold(st.sid)
         if st.role == FOLLOWER:
             st.role = NONE
             st.buffer = None
@@ -416,7 +409,7 @@ class RedisBus:
         if self._healthy:
             self._mark(st)  # drop our interest; an owner decides whether to keep the lease
         elif st.role == NONE and st.sub is None:
-            del self._states[st.sid]  # our interest lapses with its TTL
+            self._forget(st)  # our interest lapses with its TTL
 
     def status(self) -> dict[str, Any]:
         roles = dict.fromkeys((OWNER, FOLLOWER, LOCAL), 0)
@@ -438,8 +431,8 @@ class RedisBus:
             "publish_dropped": self.publish_dropped,
             "publish_fenced": self.publish_fenced,
             "received": self.received,
-            "duplicates_dropped": self.duplicates,
-            "gaps": self.gaps,
+            "duplicates_dropped": self._delivery.duplicates,
+            "gaps": self._delivery.gaps,
             "leases_won": self.leases_won,
             "leases_lost": self.leases_lost,
             "redis_errors": self.redis_errors,
@@ -467,10 +460,10 @@ class RedisBus:
             return
         role = st.role
         if role is OWNER:
-            if self._accept(st, message) and self._healthy:
+            if self._delivery.deliver(message) and self._healthy:
                 self._enqueue(st, message)
         elif role is LOCAL:
-            self._accept(st, message)
+            self._delivery.deliver(message)
 
     def _on_channel_data(self, st: _StreamState, data: bytes) -> None:
         kind = data[0]
@@ -481,35 +474,18 @@ class RedisBus:
             message = decode_message(st.sid, data)
             buffer = st.buffer
             if buffer is None:
-                self._accept(st, message)
+                self._delivery.deliver(message)
             elif len(buffer) < _BUFFER_MAX:
                 buffer.append(message)
             return
         if kind == KIND_RESET:
-            if st.held and st.role is FOLLOWER:
-                self._reset(st.stream)
+            if st.role is FOLLOWER:
+                self._delivery.reset(st.stream)
         elif kind == KIND_REJECT:
             if st.role is FOLLOWER:
                 self._rejected(st, data[_HDR.size :].decode(errors="replace"))
         elif kind == KIND_HANDOVER and st.held:
             self._mark(st)  # the lease is free: stand for election now
-
-    def _accept(self, st: _StreamState, message: Message) -> bool:
-        """Deliver unless already delivered; a jump in seq goes out as a snapshot."""
-        last = st.last_seq
-        seq = message.seq
-        if last is not None and seq <= last:
-            self.duplicates += 1
-            return False
-        if st.resync or (last is not None and seq != last + 1):
-            if not st.resync:
-                self.gaps += 1
-            st.resync = False
-            message = as_snapshot(message)
-        st.last_seq = seq
-        if st.held:
-            self._deliver(message)
-        return True
 
     def _enqueue(self, st: _StreamState, item: Any) -> None:
         queue = self._queue
@@ -520,13 +496,13 @@ class RedisBus:
             self._pub_wake.set()
 
     def _on_feed_reset(self, stream: Stream) -> None:
-        self._reset(stream)
+        self._delivery.reset(stream)
         st = self._states.get(stream.stream_id)
         if st is not None and st.role is OWNER and self._healthy:
             self._enqueue(st, ("-", "", encode_marker(KIND_RESET)))
 
     def _on_feed_reject(self, stream: Stream, reason: str) -> None:
-        self._reject(stream, reason)
+        self._delivery.reject(stream, reason)
         st = self._states.get(stream.stream_id)
         if st is None:
             return
@@ -536,7 +512,7 @@ class RedisBus:
         st.buffer = None
         if not self._healthy:
             if st.sub is None:
-                del self._states[st.sid]
+                self._forget(st)
             return
         if was_owner:
             st.reject_reason = reason
@@ -545,7 +521,9 @@ class RedisBus:
     def _rejected(self, st: _StreamState, reason: str) -> None:
         """The owner's exchange refused the stream: our clients are told, as the owner's are."""
         if st.held:
-            self._reject(st.stream, reason)
+            self._delivery.reject(st.stream, reason)
+        else:
+            self._delivery.forget(st.sid)
         st.held = False
         st.role = NONE
         st.buffer = None
@@ -578,6 +556,10 @@ class RedisBus:
 
     # -- roles ----------------------------------------------------------------------------
 
+    def _forget(self, st: _StreamState) -> None:
+        del self._states[st.sid]
+        self._delivery.forget(st.sid)
+
     def _mark(self, st: _StreamState) -> None:
         self._dirty.add(st.sid)
         self._wake.set()
@@ -586,14 +568,14 @@ class RedisBus:
         """Degraded: this node subscribes upstream for its own clients."""
         st.buffer = None
         if st.role is not OWNER and st.role is not LOCAL:
-            self._feed.add(st.stream, st.last_seq or 0)
+            self._feed.add(st.stream, self._delivery.last_seq(st.sid) or 0)
         st.role = LOCAL
 
     def _become_owner(self, st: _StreamState, stored_seq: int, stored_epoch: str) -> None:
         # Continue the numbering past anything published or delivered: dedupe by seq must
         # never swallow the new owner's Messages on any node. Continuing the stored line
         # exactly keeps its epoch too; going past it starts a new one.
-        base = max(stored_seq, st.last_seq or 0)
+        base = max(stored_seq, self._delivery.last_seq(st.sid) or 0)
         epoch = stored_epoch if stored_epoch and base == stored_seq else None
         if st.role is LOCAL:
             current = self._feed.seq(st.stream)
@@ -651,17 +633,18 @@ class RedisBus:
         if st.role is not FOLLOWER or st.buffer is None or st.confirms:
             return
         buffered, st.buffer = st.buffer, None
+        delivery = self._delivery
         if st.rebase:
             st.rebase = False
-            st.last_seq = None
-            st.resync = True
+            delivery.rebase(st.sid)
         if blob:
             stored = decode_message(st.sid, blob)
-            if st.last_seq is None or stored.seq > st.last_seq:
-                st.resync = True
-                self._accept(st, stored)
+            last = delivery.last_seq(st.sid)
+            if last is None or stored.seq > last:
+                delivery.resync(st.sid)
+                delivery.deliver(stored)
         for message in buffered:
-            self._accept(st, message)
+            delivery.deliver(message)
 
     # -- control: interest, leases, subscriptions ----------------------------------------
 
@@ -747,7 +730,7 @@ class RedisBus:
                 and st.sid not in self._dirty
                 and states.get(st.sid) is st
             ):
-                del states[st.sid]
+                self._forget(st)
 
     async def _run_calls(
         self, calls: list[tuple[str, _StreamState | None, tuple[Any, ...]]]
@@ -1017,7 +1000,7 @@ class RedisBus:
             else:
                 if st.role is OWNER:
                     self._feed.remove(st.stream)  # the nodes that hold it now own it themselves
-                del self._states[st.sid]
+                self._forget(st)
 
     def _rejoin(self) -> None:
         if self._reason != "not started":
@@ -1053,10 +1036,6 @@ class RedisBus:
             _evalsha(pipe, lua.LEAVE, [st.k_interest, st.k_lease, st.k_last], args)
         _evalsha(pipe, lua.NODE, [self._k_nodes], [self._node, self._ms(self.ttl), "1"])
         await self._execute(pipe)
-
-
-def _ignore(*args: Any) -> None:
-    return None
 
 
 def _evalsha(pipe: Any, script: lua.Script, keys: list[str], args: list[Any]) -> None:
