@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -33,10 +32,9 @@ from fastproxy.bus.redis import (
     encode_message,
     parse_redis_url,
 )
-from fastproxy.codec import Message
 from fastproxy.config import Config
 from fastproxy.streams import Stream, parse_stream_arg
-from fastproxy.wire import new_epoch
+from tests.bus.fakes import FakeFeed, Recorder, make_message
 from tests.conftest import free_port
 
 BTC = parse_stream_arg("ticker:BTCUSDT")
@@ -44,95 +42,6 @@ ETH = parse_stream_arg("ticker:ETHUSDT")
 
 
 # -- fakes --------------------------------------------------------------------------------
-
-
-class FakeFeed:
-    """Stands in for the upstream feed: `tick()` emits one Message per owned stream."""
-
-    def __init__(self) -> None:
-        self.seqs: dict[str, int] = {}
-        self.epochs: dict[str, str] = {}
-        self.streams: dict[str, Stream] = {}
-        self.fresh: set[str] = set()
-        self.adds: list[tuple[str, int]] = []
-        self.removes: list[str] = []
-        self.handler: Any = None
-
-    def attach(self, handler: Any) -> None:
-        self.handler = handler
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    @property
-    def stream_count(self) -> int:
-        return len(self.streams)
-
-    def add(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
-        if stream.topic in self.streams:
-            return
-        self.streams[stream.topic] = stream
-        self.seqs[stream.topic] = seq
-        self.epochs[stream.topic] = epoch or new_epoch()
-        self.fresh.add(stream.topic)
-        self.adds.append((stream.stream_id, seq))
-
-    def remove(self, stream: Stream) -> None:
-        if self.streams.pop(stream.topic, None) is not None:
-            self.seqs.pop(stream.topic)
-            self.epochs.pop(stream.topic)
-            self.fresh.discard(stream.topic)
-            self.removes.append(stream.stream_id)
-
-    def seq(self, stream: Stream) -> int | None:
-        return self.seqs.get(stream.topic)
-
-    def tick(self) -> None:
-        for topic, stream in list(self.streams.items()):
-            seq = self.seqs[topic] + 1
-            self.seqs[topic] = seq
-            mtype = "snapshot" if topic in self.fresh else "update"
-            self.fresh.discard(topic)
-            self.handler.deliver(make_message(stream, seq, mtype, self.epochs[topic]))
-
-
-def make_message(stream: Stream, seq: int, mtype: str = "update", epoch: str = "") -> Message:
-    ts = 1_700_000_000_000 + seq
-    payload = orjson.dumps(
-        {
-            "stream": stream.stream_id,
-            "type": mtype,
-            "data": {"n": seq},
-            "timestamp": ts,
-            "source": "mudrex",
-            "seq": seq,
-        }
-    )
-    return Message(stream.stream_id, seq, mtype, ts, payload, None, epoch)
-
-
-class Recorder:
-    """Stands in for the hub: what was delivered, per stream."""
-
-    def __init__(self) -> None:
-        self.got: dict[str, list[Message]] = {}
-        self.resets: list[str] = []
-        self.rejects: list[tuple[str, str]] = []
-
-    def deliver(self, message: Message) -> None:
-        self.got.setdefault(message.stream_id, []).append(message)
-
-    def reset(self, stream: Stream) -> None:
-        self.resets.append(stream.stream_id)
-
-    def reject(self, stream: Stream, reason: str) -> None:
-        self.rejects.append((stream.stream_id, reason))
-
-    def seqs(self, stream: Stream) -> list[int]:
-        return [m.seq for m in self.got.get(stream.stream_id, [])]
 
 
 class Node:
