@@ -90,7 +90,7 @@ class App:
     def _make_bus(self, feed: Feed) -> Bus:
         if not self.config.redis_url:
             return MemoryBus(feed)
-        from fastproxy.bus.redis import RedisBus
+        from fastproxy.bus.redis.shell import RedisBus
 
         return RedisBus(feed, self.config)
 

@@ -22,16 +22,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from fastproxy.bus import lua
-from fastproxy.bus.redis import (
-    FOLLOWER,
-    LOCAL,
-    OWNER,
-    RedisBus,
-    decode_message,
-    encode_message,
-    parse_redis_url,
-)
+from fastproxy.bus.redis import lua
+from fastproxy.bus.redis.codec import decode_message, encode_message
+from fastproxy.bus.redis.options import parse_redis_url
+from fastproxy.bus.redis.shell import FOLLOWER, LOCAL, OWNER, RedisBus
 from fastproxy.config import Config
 from fastproxy.streams import Stream, parse_stream_arg
 from tests.bus.fakes import FakeFeed, Recorder, make_message

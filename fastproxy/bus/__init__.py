@@ -42,6 +42,24 @@ class Handler(Protocol):
         """The exchange refused the stream: it is dropped, and its holders must be told."""
 
 
+class Source(Protocol):
+    """What an engine needs of the feed: where the node's own Messages come from."""
+
+    @property
+    def stream_count(self) -> int: ...
+
+    def attach(self, handler: Handler) -> None:
+        """The engine takes the feed's output (its Messages, resets, rejections)."""
+
+    def add(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
+        """Subscribe upstream; the first Message is `seq + 1`, in `epoch` (None: a new one)."""
+
+    def remove(self, stream: Stream) -> None: ...
+
+    def seq(self, stream: Stream) -> int | None:
+        """The last seq made for `stream`, None when it is not subscribed."""
+
+
 class Callbacks:
     """A Handler made of three functions (an engine's inputs from the feed)."""
 
@@ -85,4 +103,4 @@ class Bus(Protocol):
     def healthy(self) -> bool: ...
 
 
-__all__ = ["Bus", "Callbacks", "Delivery", "Handler", "MemoryBus"]
+__all__ = ["Bus", "Callbacks", "Delivery", "Handler", "MemoryBus", "Source"]

@@ -8,15 +8,14 @@ from typing import TYPE_CHECKING, Any
 from fastproxy.bus.delivery import Delivery
 
 if TYPE_CHECKING:
-    from fastproxy.bus import Handler
-    from fastproxy.feed import Feed
+    from fastproxy.bus import Handler, Source
     from fastproxy.streams import Stream
 
 
 class MemoryBus:
     name = "memory"
 
-    def __init__(self, feed: Feed) -> None:
+    def __init__(self, feed: Source) -> None:
         self._feed = feed
         self._delivery = Delivery()
         feed.attach(self._delivery)

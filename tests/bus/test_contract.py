@@ -52,7 +52,7 @@ async def memory_engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]
 
 @contextlib.asynccontextmanager
 async def redis_engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
-    from fastproxy.bus.redis import RedisBus
+    from fastproxy.bus.redis.shell import RedisBus
     from tests.test_cluster_bus import delete_prefix
 
     base = request.getfixturevalue("redis_url")

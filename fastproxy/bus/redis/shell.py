@@ -32,41 +32,38 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
-from fastproxy.bus import Callbacks, lua
+from fastproxy.bus import Callbacks
 from fastproxy.bus.delivery import Delivery
-from fastproxy.codec import Message, ws_text_frame
-from fastproxy.config import Config, ConfigError
+from fastproxy.bus.redis import lua
+from fastproxy.bus.redis.codec import (
+    KIND_HANDOVER,
+    KIND_MESSAGE,
+    KIND_REJECT,
+    KIND_RESET,
+    decode_message,
+    encode_marker,
+    encode_message,
+    marker_text,
+)
+from fastproxy.bus.redis.options import parse_redis_url, with_host, without_db
+from fastproxy.codec import Message
+from fastproxy.config import Config
 from fastproxy.streams import Stream
 
 if TYPE_CHECKING:
-    from fastproxy.bus import Handler
-    from fastproxy.feed import Feed
+    from fastproxy.bus import Handler, Source
 
 log = logging.getLogger("fastproxy.bus")
 _T = TypeVar("_T")
-
-# Wire form of everything on a channel and of the stored Message: a fixed binary header, the
-# epoch (its length is in the header), then the payload (or a marker's text). Rebuilding a
-# Message needs no JSON parsing.
-_HDR = struct.Struct(">BBqqB")  # kind, type, seq, ts, epoch length
-KIND_MESSAGE = 0
-KIND_RESET = 1  # the owner's upstream state was lost; the next Message is a snapshot
-KIND_REJECT = 2  # the exchange refused the stream; body: the reason
-KIND_HANDOVER = 3  # the owner gave the lease up while others hold the stream: elect now
-_TYPES = ("update", "snapshot")
-_TYPE_CODES = {"update": 0, "snapshot": 1}
 
 # Roles of a stream on this node.
 NONE = "none"  # nothing to do with it (waiting for an election result, or being forgotten)
@@ -78,72 +75,6 @@ _KEEP_LAST_MS = 24 * 3600 * 1000  # stored seq outlives a quiet stream so number
 _QUEUE_MAX = 20000
 _BUFFER_MAX = 4096
 _PIPELINE_MAX = 2000
-
-
-def encode_message(message: Message) -> bytes:
-    """A Message as the channel carries it and the stored latest state keeps it."""
-    epoch = message.epoch.encode()
-    return (
-        _HDR.pack(KIND_MESSAGE, _TYPE_CODES[message.type], message.seq, message.ts, len(epoch))
-        + epoch
-        + message.payload
-    )
-
-
-def decode_message(stream_id: str, data: bytes) -> Message:
-    _, code, seq, ts, n = _HDR.unpack_from(data)
-    start = _HDR.size + n
-    payload = data[start:]
-    epoch = data[_HDR.size : start].decode()
-    return Message(stream_id, seq, _TYPES[code], ts, payload, ws_text_frame(payload), epoch)
-
-
-def encode_marker(kind: int, text: str = "") -> bytes:
-    return _HDR.pack(kind, 0, 0, 0, 0) + text.encode()
-
-
-@dataclass(frozen=True)
-class BusOptions:
-    cluster: bool | None = None  # None: ask the server
-    prefix: str = "fp"
-    ttl: float = 10.0
-
-
-def parse_redis_url(url: str) -> tuple[str, BusOptions]:
-    """Split the bus's own options off a Redis URL: (URL for redis-py, options).
-
-    Raises ConfigError (a ValueError) naming REDIS_URL and the option for a bad value.
-    """
-    parts = urlsplit(url)
-    keep: list[tuple[str, str]] = []
-    cluster: bool | None = None
-    prefix, ttl = BusOptions.prefix, BusOptions.ttl
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "cluster":
-            choice = value.strip().lower()
-            if choice in ("1", "yes", "true", "on"):
-                cluster = True
-            elif choice in ("0", "no", "false", "off"):
-                cluster = False
-            elif choice not in ("", "auto"):
-                raise ConfigError(f"REDIS_URL option cluster={value!r}: expected yes, no or auto")
-        elif name == "prefix":
-            if not value or any(c in value for c in "{} \t\r\n"):
-                raise ConfigError(
-                    f"REDIS_URL option prefix={value!r}: expected a non-empty name without braces"
-                )
-            prefix = value
-        elif name == "ttl":
-            try:
-                ttl = float(value)
-            except ValueError:
-                ttl = 0.0
-            if not 1.0 <= ttl <= 3600.0:
-                raise ConfigError(f"REDIS_URL option ttl={value!r}: expected 1 to 3600 seconds")
-        else:
-            keep.append((name, value))
-    stripped = urlunsplit(parts._replace(query=urlencode(keep)))
-    return stripped, BusOptions(cluster, prefix, ttl)
 
 
 class _StreamState:
@@ -291,7 +222,7 @@ class RedisBus:
 
     name = "redis"
 
-    def __init__(self, feed: Feed, config: Config, *, node_id: str | None = None) -> None:
+    def __init__(self, feed: Source, config: Config, *, node_id: str | None = None) -> None:
         self._feed = feed
         self._url, self.options = parse_redis_url(config.redis_url)
         self.ttl = self.options.ttl
@@ -483,7 +414,7 @@ class RedisBus:
                 self._delivery.reset(st.stream)
         elif kind == KIND_REJECT:
             if st.role is FOLLOWER:
-                self._rejected(st, data[_HDR.size :].decode(errors="replace"))
+                self._rejected(st, marker_text(data))
         elif kind == KIND_HANDOVER and st.held:
             self._mark(st)  # the lease is free: stand for election now
 
@@ -816,7 +747,7 @@ class RedisBus:
             return sub
         if self._cluster:
             node = self._client.get_node(node_name=name)
-            url = _with_host(self._url, node.host, node.port)
+            url = with_host(self._url, node.host, node.port)
         else:
             url = self._url
         client = Redis.from_url(url, **self._connection_options(retries=0))
@@ -936,7 +867,7 @@ class RedisBus:
             cluster = bool(int(info.get("cluster_enabled", 0) or 0))
         if cluster:
             client: Any = RedisCluster.from_url(
-                _without_db(self._url),
+                without_db(self._url),
                 max_connections=self.max_connections,
                 **self._connection_options(retries=1),
             )
@@ -1050,16 +981,3 @@ async def _within(seconds: float, awaitable: Awaitable[_T]) -> _T:
     # as the awaited thing completes, and a bus that ignores its stop() would hang shutdown
     async with asyncio.timeout(seconds):
         return await awaitable
-
-
-def _with_host(url: str, host: str, port: int) -> str:
-    """The URL with another host and port (a cluster node), keeping credentials and options."""
-    parts = urlsplit(_without_db(url))
-    userinfo = parts.netloc.rpartition("@")[0]
-    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _without_db(url: str) -> str:
-    """A cluster has only database 0; a path in the URL would make redis-py refuse it."""
-    return urlunsplit(urlsplit(url)._replace(path=""))
