@@ -133,11 +133,13 @@ class App:
 
     def stats(self) -> dict[str, Any]:
         assert self.server and self.hub and self.feed and self.bus and self.catalogue
+        hub = self.hub.stats()
         return {
             "uptime": round(time.time() - self.started_at, 1),
             "connections": self.server.stats(),
             "upstream": self.feed.pool.status(),
-            "pubsub": self.hub.stats(),
+            "hub": hub,
+            "pubsub": hub,  # the same figures under their first name, for existing readers
             "bus": self.bus.status(),
             "feed": {
                 "streams": self.feed.stream_count,

@@ -202,9 +202,6 @@ class Hub:
     def holds(self, stream: Stream) -> bool:
         return stream.stream_id in self._subs
 
-    def subscriber_count(self, stream: Stream) -> int:
-        return len(self._subs.get(stream.stream_id, ()))
-
     def stats(self) -> dict[str, Any]:
         by_kind = dict.fromkeys(KINDS, 0)
         streams_by_kind = dict.fromkeys(KINDS, 0)
