@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from fastproxy.bus.redis.options import parse_redis_url
+
 BYBIT_MAINNET_WS = "wss://stream.bybit.com/v5/public/linear"
 BYBIT_TESTNET_WS = "wss://stream-testnet.bybit.com/v5/public/linear"
 
@@ -92,9 +94,7 @@ def _redis_url(raw: str) -> str:
     if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("a redis://, rediss:// or unix:// URL, or empty for one node")
     # The bus's own options (?cluster=, ?prefix=, ?ttl=) are checked here, so a bad one fails
-    # at start with one line like every other setting. Imported late: it pulls in redis-py.
-    from fastproxy.bus.redis import parse_redis_url
-
+    # at start with one line like every other setting.
     try:
         parse_redis_url(value)
     except ValueError as exc:
@@ -187,7 +187,19 @@ SETTINGS: tuple[Setting, ...] = (
         "MAX_MESSAGE_RATE_PER_CLIENT",
         _int_range(1),
         "100",
-        "most frames a client may send a second",
+        "most frames a client may send a second, control frames (ping, pong) included",
+    ),
+    Setting(
+        "MAX_STREAM_CHANGE_RATE_PER_CLIENT",
+        _int_range(1),
+        "200",
+        "most streams a client may subscribe plus unsubscribe a second",
+    ),
+    Setting(
+        "MAX_SNAPSHOT_RATE_PER_CLIENT",
+        _int_range(1),
+        "100",
+        "most snapshots (newly subscribed streams) a client may cause a second",
     ),
     Setting(
         "CLIENT_IDLE_TIMEOUT",
@@ -285,8 +297,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TLS_KEY", _readable_file, "", "PEM private key file for TLS_CERT"),
 )
 
-_BY_ENV = {s.env: s for s in SETTINGS}
-
 
 @dataclass(frozen=True)
 class Config:
@@ -300,6 +310,8 @@ class Config:
     max_clients_total: int = 10000
     max_subscriptions_per_client: int = 100
     max_message_rate_per_client: int = 100
+    max_stream_change_rate_per_client: int = 200
+    max_snapshot_rate_per_client: int = 100
     client_idle_timeout: float = 300.0
     fanout_callback_timeout: float = 5.0
     write_buffer_soft_limit: int = 262144
@@ -375,10 +387,6 @@ def load(
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("TLS_CERT and TLS_KEY go together: set both for TLS, or neither")
     return Config(**values)
-
-
-def setting(env: str) -> Setting:
-    return _BY_ENV[env]
 
 
 def config_from_args(

@@ -64,7 +64,7 @@ class ProxyCollector(Collector):
         s = self._snapshot()
         conns = s["connections"]
         up = s["upstream"]
-        hub = s.get("hub") or s["pubsub"]
+        hub = s["hub"]
         yield GaugeMetricFamily("fastproxy_clients", "Connected clients", value=conns["connected"])
         yield CounterMetricFamily(
             "fastproxy_client_connections",

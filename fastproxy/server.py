@@ -27,7 +27,7 @@ from picows import (
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
-from picows.picows import WSAutoPingStrategy, WSCloseCode, WSProtocol
+from picows.picows import WSCloseCode
 
 from fastproxy.access import (
     AddressLimit,
@@ -39,13 +39,16 @@ from fastproxy.access import (
     request_token,
 )
 from fastproxy.config import Config
+from fastproxy.handshake import check_upgrade, serve_ws
 from fastproxy.hub import Hub
+from fastproxy.logs import ThrottledLog
 from fastproxy.protocol import (
     CLOSE_CONNECTION_LIMIT,
     CLOSE_FLOODING,
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
     CLOSE_KEY_REVOKED,
+    CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
     CLOSE_TOO_SLOW,
     INTERNAL_ERROR,
@@ -55,7 +58,10 @@ from fastproxy.protocol import (
     OP_SUBSCRIBE,
     RATE_LIMIT_EXCEEDED,
     FloodGuard,
+    MessageAssembler,
+    ProtocolViolation,
     RequestError,
+    SubscriptionBudget,
     error_reply,
     parse_request,
     plan_subscribe,
@@ -71,6 +77,10 @@ log = logging.getLogger("fastproxy.server")
 # After a close frame, how long a client gets to read what is queued before the socket is cut.
 CLOSE_GRACE = 2.0
 HOUSEKEEPING_INTERVAL = 1.0
+# A client over its frame rate is not read from for this long: TCP flow control then holds its
+# flood in the kernel at no cost to us, instead of every frame being parsed only to be dropped.
+# Shorter than the second without refusals that ends a flood, so a flood stays one flood.
+FLOOD_READ_PAUSE = 0.5
 # Client frames are tiny; picows grows the buffer when one is not.
 READ_BUFFER_INIT = 1024
 # Connections the kernel may queue before we accept them (it caps this at net.core.somaxconn).
@@ -98,6 +108,7 @@ _END_REASONS = {
     CLOSE_TOO_SLOW: "slow_client",
     CLOSE_FLOODING: "flooding",
     CLOSE_TOO_BIG: "too_big",
+    CLOSE_PROTOCOL_ERROR: "protocol_error",
 }
 
 
@@ -108,10 +119,11 @@ class ClientSession(WSListener):
     # CPython's generic lookup, which cost the fan-out loop more than its own work; slots are
     # also ~300 bytes a connection smaller.
     __slots__ = (
+        "assembler",
+        "budget",
         "closed",
         "connected_at",
         "end_reason",
-        "fragments",
         "guard",
         "key",
         "last_ping",
@@ -142,8 +154,15 @@ class ClientSession(WSListener):
         self.last_seen = now
         self.last_ping = now
         self.over_soft_since: float | None = None
-        self.guard = FloodGuard(server.config.max_message_rate_per_client, now)
-        self.fragments: bytearray | None = None
+        config = server.config
+        self.guard = FloodGuard(config.max_message_rate_per_client, now)
+        self.budget = SubscriptionBudget(
+            config.max_stream_change_rate_per_client,
+            config.max_snapshot_rate_per_client,
+            config.max_subscriptions_per_client,
+            now,
+        )
+        self.assembler: MessageAssembler | None = None  # made when the client first fragments
         self.closed = False
 
     # -- picows callbacks ----------------------------------------------------------------
@@ -166,41 +185,83 @@ class ClientSession(WSListener):
         now = time.monotonic()
         self.last_seen = now
         msg_type = frame.msg_type
-        if msg_type == WSMsgType.PONG:
+        if msg_type == WSMsgType.CLOSE:  # honoured whatever the rate: it ends the session
+            self.end_reason = "client_closed"
+            self.closed = True
+            self.server.forget(self)
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self.violation(CLOSE_PROTOCOL_ERROR, "reserved bit set; no extension was negotiated")
+            return
+        # Every frame counts, control frames too: answering a ping costs as much as a request.
+        verdict = self.guard.check(now)
+        if verdict:
+            self._refuse(verdict)
             return
         if msg_type == WSMsgType.PING:
             transport.send_pong(frame.get_payload_as_bytes())
             return
-        if msg_type == WSMsgType.CLOSE:
-            self.end_reason = "client_closed"
-            transport.send_close(frame.get_close_code())
-            transport.disconnect()
+        if msg_type == WSMsgType.PONG:
             return
-        payload = self._assemble(frame, msg_type)
-        if payload is None:
-            return
-        verdict = self.guard.check(now)
-        if verdict:
-            if verdict == FloodGuard.WARN:
-                self.reply(
-                    error_reply(
-                        RATE_LIMIT_EXCEEDED,
-                        f"More than {self.server.config.max_message_rate_per_client} "
-                        "messages a second; messages are being dropped",
-                    )
-                )
-            elif verdict == FloodGuard.CLOSE:
-                self.server.count_drop("flooding")
-                self.close(CLOSE_FLOODING, "kept flooding after RATE_LIMIT_EXCEEDED")
-            return
+        assembler = self.assembler
+        if frame.fin and assembler is None and msg_type != WSMsgType.CONTINUATION:
+            payload = frame.get_payload_as_bytes()
+        else:
+            if assembler is None:
+                assembler = self.assembler = MessageAssembler()
+            try:
+                message = assembler.feed(msg_type, frame.fin, frame.get_payload_as_memoryview())
+            except ProtocolViolation as exc:
+                self.violation(exc.code, exc.reason)
+                return
+            if message is None:
+                return
+            msg_type, payload = message
         if msg_type == WSMsgType.BINARY:
             self.reply(error_reply(INVALID_JSON, "Binary frames are not supported; send JSON text"))
             return
         try:
-            self.server.handle_request(self, payload)
+            self.server.handle_request(self, payload, now)
+        except ProtocolViolation as exc:
+            self.violation(exc.code, exc.reason)
         except Exception:
-            log.exception("request failed", extra={"peer": self.peer})
+            self.server.bug_log.exception("request failed", extra={"peer": self.peer})
             self.reply(error_reply(INTERNAL_ERROR, "Internal error"))
+
+    def _refuse(self, verdict: int) -> None:
+        """A frame over the rate limit: dropped unanswered, a fragmented message with it."""
+        if self.assembler is not None:
+            self.assembler.discard()
+        raw = self.raw
+        if verdict != FloodGuard.CLOSE and raw.is_reading():
+            raw.pause_reading()
+            asyncio.get_running_loop().call_later(FLOOD_READ_PAUSE, self._resume_reading)
+        if verdict == FloodGuard.WARN:
+            self.reply(
+                error_reply(
+                    RATE_LIMIT_EXCEEDED,
+                    f"More than {self.server.config.max_message_rate_per_client} "
+                    "messages a second; messages are being dropped",
+                )
+            )
+        elif verdict == FloodGuard.CLOSE:
+            # Read again while closing: unread input would make the kernel reset the
+            # connection, and the client would never see the close code.
+            self._resume_reading()
+            self.server.count_drop("flooding")
+            self.close(CLOSE_FLOODING, "kept flooding after RATE_LIMIT_EXCEEDED")
+
+    def _resume_reading(self) -> None:
+        raw = self.raw
+        if not raw.is_closing() and not raw.is_reading():
+            raw.resume_reading()
+
+    def violation(self, code: int, reason: str) -> None:
+        """A frame that breaks RFC 6455: closed with its code (1002, 1007, 1009)."""
+        self.server.count_drop("too_big" if code == CLOSE_TOO_BIG else "protocol_error")
+        self.close(code, reason)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         reason = self.end_reason
@@ -225,26 +286,6 @@ class ClientSession(WSListener):
         self.over_soft_since = None
 
     # -- output --------------------------------------------------------------------------
-
-    def _assemble(self, frame: WSFrame, msg_type: WSMsgType) -> bytes | None:
-        """Whole message payload, joining fragments; None while a message is incomplete."""
-        if msg_type == WSMsgType.CONTINUATION:
-            if self.fragments is None:
-                return None  # a continuation of nothing: ignore it
-            self.fragments += frame.get_payload_as_memoryview()
-            if len(self.fragments) > MAX_FRAME_SIZE:
-                self.fragments = None
-                self.server.count_drop("too_big")
-                self.close(CLOSE_TOO_BIG, "message too big")
-                return None
-            if not frame.fin:
-                return None
-            payload, self.fragments = bytes(self.fragments), None
-            return payload
-        if not frame.fin:
-            self.fragments = bytearray(frame.get_payload_as_memoryview())
-            return None
-        return frame.get_payload_as_bytes()
 
     def reply(self, payload: bytes) -> None:
         self.server.hub.send_payload(self, payload)
@@ -350,15 +391,27 @@ class ProxyServer:
         self.scheme = "https" if config.tls_cert else "http"
         self.ping_interval = max(1.0, min(30.0, config.client_idle_timeout / 3))
         self.hard_limit = config.write_buffer_hard_limit  # read on every flush
+        # What clients cause is logged through these: rate-limited, a client's fault WARNING
+        # at most, our own bugs (an exception a request raised) ERROR.
+        self.client_log = ThrottledLog(log)
+        self.bug_log = ThrottledLog(log, ceiling=logging.ERROR)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol,
+        self._server = await serve_ws(
+            self._route,
             self.config.host,
             self.config.port,
+            max_frame_size=MAX_FRAME_SIZE,
+            enable_auto_pong=False,  # we answer pings ourselves: they count as client activity
+            enable_auto_ping=False,
+            read_buffer_init_size=READ_BUFFER_INIT,
+            websocket_handshake_timeout=10,
+            # An adapter, not a logger name: given a Logger, picows makes a child Logger per
+            # connection and keeps it for the connection's life (~0.6 KiB each).
+            logger_name=ThrottledLog(logging.getLogger("picows.server")),
+            with_peer=True,  # the router gets the TCP peer: per-address limits answer 429
             ssl=self._tls_context(),
             reuse_address=True,
             backlog=LISTEN_BACKLOG,
@@ -366,32 +419,6 @@ class ProxyServer:
         self.port = self._server.sockets[0].getsockname()[1]
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         self.ready = True
-
-    def _protocol(self) -> WSProtocol:
-        """One connection's picows protocol (what `ws_create_server` builds), with a router
-        that knows the TCP peer: per-address limits answer before the upgrade."""
-        admission = _Admission(self)
-        protocol = _PeerProtocol(
-            None,  # host and port: server side
-            None,  # path: server side
-            False,  # client side
-            admission.route,
-            # An adapter, not a Logger: given a Logger, picows makes a child Logger per
-            # connection and keeps it for the connection's life (~0.6 KiB each).
-            _PICOWS_LOG,
-            True,  # disconnect on a listener exception
-            10,  # handshake timeout, seconds
-            False,  # auto ping: we ping quiet clients ourselves
-            20,
-            20,
-            WSAutoPingStrategy.PING_WHEN_IDLE,
-            False,  # auto pong: we answer pings ourselves, they count as client activity
-            MAX_FRAME_SIZE,
-            None,  # extra headers
-            READ_BUFFER_INIT,  # client frames are tiny; picows grows the buffer when not
-        )
-        protocol.admission = admission
-        return protocol
 
     def _tls_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
@@ -441,6 +468,9 @@ class ProxyServer:
     def _route(self, request: WSUpgradeRequest, peer: str = "") -> Any:
         path, _, query = request.path.partition(b"?")
         if path == b"/ws":
+            refusal = check_upgrade(request.headers)
+            if refusal is not None:
+                return refusal.with_listener()
             if self.draining or not self.ready:
                 return self._refuse("draining", 503, "shutting down")
             headers = request.headers
@@ -467,8 +497,6 @@ class ProxyServer:
             if key is not None:
                 return KeyedSession(self, address, key)
             return ClientSession(self, address)
-        if request.method != b"GET":
-            return _http(405, {"error": "method not allowed"})
         if path == b"/":
             return _http(
                 200,
@@ -564,9 +592,10 @@ class ProxyServer:
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         if reason not in ("connection_limit",):
-            log.info("client dropped", extra={"reason": reason})
+            self.client_log.info("client dropped", extra={"reason": reason})
 
-    def handle_request(self, session: ClientSession, payload: bytes) -> None:
+    def handle_request(self, session: ClientSession, payload: bytes, now: float) -> None:
+        """Answer one request. Raises ProtocolViolation for a payload that is not text."""
         self.requests += 1
         if session.usage is not None:
             session.usage.requests += 1
@@ -575,22 +604,30 @@ class ProxyServer:
             if request.op == OP_PING:
                 session.reply(pong_reply(int(time.time() * 1000), request.req_id))
             elif request.op == OP_SUBSCRIBE:
-                plan = plan_subscribe(
-                    request.args,
-                    session.streams,
-                    self.config.max_subscriptions_per_client,
-                    self.symbol_known,
-                    request.req_id,
-                )
+                budget = session.budget
+                refusal = budget.exhausted(now, len(request.args))
+                if refusal is None:
+                    plan = plan_subscribe(
+                        request.args,
+                        session.streams,
+                        self.config.max_subscriptions_per_client,
+                        self.symbol_known,
+                        request.req_id,
+                    )
+                    refusal = budget.admit(now, len(plan.new_streams))
+                if refusal is not None:
+                    refusal.req_id, refusal.args_refused = request.req_id, request.args
+                    raise refusal
                 session.reply(subscribe_reply(plan, request.req_id))  # the ack goes first
                 if plan.new_streams:
                     self.hub.subscribe(session, plan.new_streams)
             else:
                 unplan = plan_unsubscribe(request.args, session.streams)
+                session.budget.charge_unsubscribe(now, len(unplan.streams))
                 self.hub.unsubscribe(session, unplan.streams)
                 session.reply(unsubscribe_reply(unplan, request.req_id))
         except RequestError as exc:
-            session.reply(error_reply(exc.code, exc.message, exc.req_id))
+            session.reply(exc.reply())
 
     async def _housekeep(self) -> None:
         """Once a second: idle clients out, quiet clients pinged, slow clients dropped."""
@@ -658,30 +695,3 @@ def _http(
     else:
         response = WSUpgradeResponse.create_error_response(status, data, all_headers)
     return WSUpgradeResponseWithListener(response, None)
-
-
-_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
-
-
-class _Admission:
-    """One connection's router: `ProxyServer._route` with the TCP peer's address."""
-
-    __slots__ = ("peer", "server")
-
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-        self.peer = ""
-
-    def route(self, request: WSUpgradeRequest) -> Any:
-        return self.server._route(request, self.peer)
-
-
-class _PeerProtocol(WSProtocol):
-    """picows' protocol, telling the router which address connected."""
-
-    __slots__ = ("admission",)
-
-    def connection_made(self, transport: Any) -> None:
-        peer = transport.get_extra_info("peername")
-        self.admission.peer = peer[0] if isinstance(peer, tuple) else ""
-        super().connection_made(transport)
