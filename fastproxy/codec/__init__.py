@@ -17,6 +17,7 @@ Decisions the protocol leaves open, the same in both implementations:
 - `change24hPercent` is left out when `price24hPcnt` is not a plain decimal (see
   `percent_2dp`); the frame is still used.
 - The ticker `symbol` is the stream's symbol until the exchange sends one.
+- Books: see fastproxy.codec.book (snapshot/update, u continuity, resync reasons).
 - A trade's `symbol` is its `s`, else the stream's; `isBlockTrade` is left out when `BT` is
   missing or null. A trade or kline frame with an empty `data` list yields no Message.
 """
@@ -28,8 +29,12 @@ import os
 from fastproxy.codec._common import Codec, CodecError, as_snapshot, percent_2dp
 from fastproxy.codec._common import Message as PyMessage
 from fastproxy.codec._common import ws_text_frame as py_ws_text_frame
+from fastproxy.codec._books import RESYNC_REASONS
+from fastproxy.codec.book import PyBookCodec, PyLiquidationCodec
 from fastproxy.codec.pure import PY_CODECS, PyKlineCodec, PyTickerCodec, PyTradeCodec
-from fastproxy.streams import KLINE, TICKER, TRADE, Stream
+from fastproxy.streams import KLINE, LIQUIDATION, ORDERBOOK, TICKER, TRADE, Stream
+
+PY_CODECS = {**PY_CODECS, ORDERBOOK: PyBookCodec, LIQUIDATION: PyLiquidationCodec}
 
 try:
     from fastproxy import _codec as _ext
@@ -43,15 +48,20 @@ if _ext is not None:
     CyTickerCodec = _ext.TickerCodec
     CyKlineCodec = _ext.KlineCodec
     CyTradeCodec = _ext.TradeCodec
+    CyBookCodec = _ext.BookCodec
+    CyLiquidationCodec = _ext.LiquidationCodec
     cy_ws_text_frame = _ext.ws_text_frame
     CyMessage = _ext.Message
     CY_CODECS: dict[str, type] | None = {
         TICKER: CyTickerCodec,
         KLINE: CyKlineCodec,
         TRADE: CyTradeCodec,
+        ORDERBOOK: CyBookCodec,
+        LIQUIDATION: CyLiquidationCodec,
     }
 else:
     CyTickerCodec = CyKlineCodec = CyTradeCodec = CyMessage = cy_ws_text_frame = None  # type: ignore[assignment,misc]
+    CyBookCodec = CyLiquidationCodec = None  # type: ignore[assignment,misc]
     CY_CODECS = None
 
 CYTHON_AVAILABLE = CY_CODECS is not None
@@ -77,6 +87,11 @@ __all__ = [
     "CYTHON_AVAILABLE",
     "CYTHON_IMPORT_ERROR",
     "CY_CODECS",
+    "RESYNC_REASONS",
+    "CyBookCodec",
+    "CyLiquidationCodec",
+    "PyBookCodec",
+    "PyLiquidationCodec",
     "IMPLEMENTATION",
     "PY_CODECS",
     "Codec",
