@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import os
 
+from fastproxy.codec._books import RESYNC_REASONS
 from fastproxy.codec._common import Codec, CodecError, as_snapshot, percent_2dp
 from fastproxy.codec._common import Message as PyMessage
 from fastproxy.codec._common import ws_text_frame as py_ws_text_frame
-from fastproxy.codec._books import RESYNC_REASONS
 from fastproxy.codec.book import PyBookCodec, PyLiquidationCodec
 from fastproxy.codec.pure import PY_CODECS, PyKlineCodec, PyTickerCodec, PyTradeCodec
 from fastproxy.streams import KLINE, LIQUIDATION, ORDERBOOK, TICKER, TRADE, Stream
@@ -87,21 +87,21 @@ __all__ = [
     "CYTHON_AVAILABLE",
     "CYTHON_IMPORT_ERROR",
     "CY_CODECS",
-    "RESYNC_REASONS",
-    "CyBookCodec",
-    "CyLiquidationCodec",
-    "PyBookCodec",
-    "PyLiquidationCodec",
     "IMPLEMENTATION",
     "PY_CODECS",
+    "RESYNC_REASONS",
     "Codec",
     "CodecError",
+    "CyBookCodec",
     "CyKlineCodec",
+    "CyLiquidationCodec",
     "CyMessage",
     "CyTickerCodec",
     "CyTradeCodec",
     "Message",
+    "PyBookCodec",
     "PyKlineCodec",
+    "PyLiquidationCodec",
     "PyMessage",
     "PyTickerCodec",
     "PyTradeCodec",
