@@ -137,6 +137,7 @@ class App:
                 "streams": self.feed.stream_count,
                 "messages_out": self.feed.messages_out,
                 "codec_errors": self.feed.codec_errors,
+                "book_resyncs": dict(self.feed.resyncs),
                 "codec": IMPLEMENTATION,
             },
             "catalogue": self.catalogue.status(),

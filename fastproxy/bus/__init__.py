@@ -33,6 +33,10 @@ class Bus(Protocol):
     def release(self, stream: Stream) -> None:
         """No client of this node holds `stream` any more."""
 
+    def snapshot(self, stream: Stream) -> Message | None:
+        """The current state of a delta stream (a whole book) as a snapshot Message at the seq
+        of the last Message delivered for it, or None when there is none."""
+
     def status(self) -> dict[str, Any]: ...
 
     @property

@@ -8,6 +8,7 @@ from fastproxy.streams import Stream
 
 if TYPE_CHECKING:
     from fastproxy.bus import DeliverFn, RejectFn, ResetFn
+    from fastproxy.codec import Message
     from fastproxy.feed import Feed
 
 
@@ -31,6 +32,9 @@ class MemoryBus:
 
     def release(self, stream: Stream) -> None:
         self._feed.remove(stream)
+
+    def snapshot(self, stream: Stream) -> Message | None:
+        return self._feed.snapshot(stream)
 
     def status(self) -> dict[str, Any]:
         return {"engine": self.name, "healthy": True, "streams_owned": self._feed.stream_count}

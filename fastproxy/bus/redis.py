@@ -45,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
 from fastproxy.bus import lua
-from fastproxy.codec import Message, as_snapshot, ws_text_frame
+from fastproxy.codec import Message, as_snapshot, new_codec, ws_text_frame
 from fastproxy.config import Config, ConfigError
 from fastproxy.streams import Stream
 
@@ -144,6 +144,7 @@ class _StreamState:
     """What this node knows and does about one stream."""
 
     __slots__ = (
+        "book",
         "buffer",
         "channel",
         "confirms",
@@ -180,6 +181,9 @@ class _StreamState:
         self.confirms = 0  # subscribe confirmations still due
         self.force = False  # give the lease up at the next pass (we hold it without a feed)
         self.reject_reason: str | None = None
+        # a follower's copy of a delta stream's state (a book), fed with every Message it
+        # delivers, so that its own late joiners get the whole book; None: not known here
+        self.book: Any = None
 
 
 class _Subscriber:
@@ -413,6 +417,16 @@ class RedisBus:
         elif st.role == NONE and st.sub is None:
             del self._states[st.sid]  # our interest lapses with its TTL
 
+    def snapshot(self, stream: Stream) -> Message | None:
+        st = self._states.get(stream.stream_id)
+        if st is None:
+            return None
+        if st.role is OWNER or st.role is LOCAL:
+            return self._feed.snapshot(stream)
+        if st.role is FOLLOWER and st.book is not None:
+            return st.book.snapshot()
+        return None
+
     def status(self) -> dict[str, Any]:
         roles = dict.fromkeys((OWNER, FOLLOWER, LOCAL), 0)
         for st in self._states.values():
@@ -481,6 +495,7 @@ class RedisBus:
                 buffer.append(message)
             return
         if kind == KIND_RESET:
+            st.book = None
             if st.held and st.role is FOLLOWER:
                 self._reset(st.stream)
         elif kind == KIND_REJECT:
@@ -496,15 +511,46 @@ class RedisBus:
         if last is not None and seq <= last:
             self.duplicates += 1
             return False
+        delta = st.stream.is_delta
+        follower = st.role is FOLLOWER
+        if delta and follower and message.type != "snapshot" and st.book is None:
+            return self._refetch(st, message)  # nothing to apply this update to
         if st.resync or (last is not None and seq != last + 1):
             if not st.resync:
                 self.gaps += 1
+            if not delta or message.type == "snapshot":
+                message = as_snapshot(message)
+            elif follower:
+                return self._refetch(st, message)  # an update cannot stand for the whole book
+            else:
+                # the owner's codec has just applied it: its book is the state at this seq
+                full = self._feed.snapshot(st.stream)
+                if full is None or full.seq != seq:
+                    return False
+                message = full
             st.resync = False
-            message = as_snapshot(message)
         st.last_seq = seq
+        if delta and follower:
+            if st.book is None:
+                st.book = new_codec(st.stream)
+            st.book.follow(message)
         if st.held:
             self._deliver(message)
         return True
+
+    def _refetch(self, st: _StreamState, message: Message) -> bool:
+        """A follower of a book lost its chain: hold the channel's Messages again and fetch the
+        stored book, which the owner keeps current, then carry on from there."""
+        st.book = None
+        st.resync = True
+        st.last_seq = None  # whatever the stored book's seq, it is what the hub gets next
+        if st.buffer is None:
+            st.buffer = []
+            self._fetch.add(st.sid)
+            self._wake.set()
+        if len(st.buffer) < _BUFFER_MAX:
+            st.buffer.append(message)
+        return False
 
     def _enqueue(self, st: _StreamState, item: Any) -> None:
         queue = self._queue
@@ -883,11 +929,17 @@ class RedisBus:
         command, keep = self._pub_command, str(_KEEP_LAST_MS)
         for st, items in groups.values():
             args: list[Any] = [self._node, command, st.channel, keep]
+            delta = st.stream.is_delta
             for item in items:
                 if isinstance(item, Message):
-                    args += (str(item.seq), encode_message(item))
+                    # a book's update is published, and the stored state is the whole book
+                    args += (f"+{item.seq}" if delta else str(item.seq), encode_message(item))
                 else:
                     args += item
+            if delta and st.role is OWNER:
+                book = self._feed.snapshot(st.stream)
+                if book is not None:  # else the book is being rebuilt: a reset marker follows
+                    args += (f"={book.seq}", encode_message(book))
             _evalsha(pipe, lua.PUBLISH, [st.k_lease, st.k_last], args)
         results = await self._execute(pipe)
         reload = False
