@@ -65,9 +65,12 @@ class Feed:
             return
         self._streams[stream.topic] = stream
         codec = self._codecs[stream.topic] = new_codec(stream, seq)
+        self.pool.subscribe([stream.topic])
         if stream.is_delta:
             self._books[stream.topic] = codec
-        self.pool.subscribe([stream.topic])
+            # removed and added back at once, the topic stayed subscribed upstream and would
+            # send this new, empty book no snapshot: ask for one (a no-op for a new topic)
+            self.pool.resubscribe(stream.topic)
 
     def remove(self, stream: Stream) -> None:
         if self._streams.pop(stream.topic, None) is None:
