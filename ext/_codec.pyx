@@ -41,6 +41,8 @@ from fastproxy.codec._common import (
 )
 from fastproxy.codec._books import (
     LIQUIDATION_SIDES,
+    PRICE_FRACTION,
+    PRICE_INT_DIGITS,
     RESYNC_BACKWARD,
     RESYNC_CROSSED,
     RESYNC_GAP,
@@ -71,8 +73,6 @@ cdef extern from "Python.h":
     Py_ssize_t ptr_bytes_len "PyBytes_GET_SIZE" (PyObject* o)
     void Py_INCREF(PyObject* o)
     void Py_DECREF(PyObject* o)
-    # the same conversion as float(str): correctly rounded, locale-independent
-    double PyOS_string_to_double(const char* s, char** endptr, PyObject* overflow) except? -1.0
 
 
 cdef object _dumps = orjson.dumps
@@ -930,8 +930,12 @@ if LIQUIDATION_SIDES != {"Buy": "buy", "Sell": "sell"}:
 # best ask the first), each holding references to the exchange's own price and size strings:
 # applying a delta allocates nothing, and a snapshot walks the array in output order.
 
+cdef struct Key:  # a price's exact value: integer part, fraction in PRICE_FRACTION digits
+    uint64_t whole
+    uint64_t frac
+
 cdef struct Level:
-    double key
+    Key key
     PyObject* price  # owned references
     PyObject* size
 
@@ -968,21 +972,29 @@ cdef void side_drop(Side* s, Py_ssize_t start, Py_ssize_t stop) noexcept:
     s.n -= stop - start
 
 
-cdef inline Py_ssize_t side_find(Side* s, double key) noexcept:
+cdef inline bint key_lt(Key a, Key b) noexcept:
+    return a.whole < b.whole or (a.whole == b.whole and a.frac < b.frac)
+
+
+cdef inline bint key_eq(Key a, Key b) noexcept:
+    return a.whole == b.whole and a.frac == b.frac
+
+
+cdef inline Py_ssize_t side_find(Side* s, Key key) noexcept:
     """Index of the first level whose key is >= key."""
     cdef Py_ssize_t lo = 0, hi = s.n, mid
     while lo < hi:
         mid = (lo + hi) >> 1
-        if s.lv[mid].key < key:
+        if key_lt(s.lv[mid].key, key):
             lo = mid + 1
         else:
             hi = mid
     return lo
 
 
-cdef int side_apply(Side* s, double key, PyObject* price, PyObject* size, bint deletes) except -1:
+cdef int side_apply(Side* s, Key key, PyObject* price, PyObject* size, bint deletes) except -1:
     cdef Py_ssize_t i = side_find(s, key)
-    cdef bint found = i < s.n and s.lv[i].key == key
+    cdef bint found = i < s.n and key_eq(s.lv[i].key, key)
     cdef Level* lv
     if deletes:
         if found:
@@ -1010,12 +1022,25 @@ cdef int side_apply(Side* s, double key, PyObject* price, PyObject* size, bint d
     return 0
 
 
-cdef int parse_decimal(object v, double* value, bint* zero) except -1:
-    """1 when `v` is exactly a str of the book grammar (see DECIMAL_RE), with its value and
-    whether every digit is 0; 0 otherwise."""
-    cdef Py_ssize_t n, i = 0, j
+cdef uint64_t POW10[20]
+POW10[0] = 1
+for _i in range(1, 20):
+    POW10[_i] = POW10[_i - 1] * 10
+cdef int INT_DIGITS = PRICE_INT_DIGITS
+cdef int FRACTION = PRICE_FRACTION
+if INT_DIGITS > 19 or FRACTION > 19:
+    raise ImportError("price key limits do not fit 64 bits; rebuild fastproxy._codec")
+
+
+cdef int parse_decimal(object v, Key* key, bint* zero) noexcept:
+    """The book grammar (see DECIMAL_RE): 1 when `v` is exactly such a str, with its exact
+    value in `key` and whether every digit is 0; 0 when it is not one; 2 when it is one whose
+    value does not fit a key (see price_key)."""
+    cdef Py_ssize_t n, i = 0, j, digits = 0
     cdef const char* c
     cdef bint allzero = True
+    cdef uint64_t whole = 0, frac = 0
+    cdef bint fits = True
     if not PyUnicode_CheckExact(v) or not PyUnicode_IS_ASCII(v):
         return 0
     n = PyUnicode_GET_LENGTH(v)
@@ -1023,9 +1048,15 @@ cdef int parse_decimal(object v, double* value, bint* zero) except -1:
     while i < n and 48 <= c[i] <= 57:
         if c[i] != 48:
             allzero = False
+        if not allzero:
+            digits += 1
+            if digits <= INT_DIGITS:
+                whole = whole * 10 + <uint64_t>(c[i] - 48)
         i += 1
     if i == 0:
         return 0
+    if digits > INT_DIGITS:
+        fits = False
     if i < n:
         if c[i] != 46:  # '.'
             return 0
@@ -1034,12 +1065,38 @@ cdef int parse_decimal(object v, double* value, bint* zero) except -1:
         while i < n and 48 <= c[i] <= 57:
             if c[i] != 48:
                 allzero = False
+            if i - j < FRACTION:
+                frac = frac * 10 + <uint64_t>(c[i] - 48)
             i += 1
         if i == j or i != n:
             return 0
-    value[0] = PyOS_string_to_double(c, NULL, NULL)  # compact ASCII data is NUL-terminated
+        if i - j > FRACTION:
+            fits = False
+        else:
+            frac *= POW10[FRACTION - (i - j)]
+    else:
+        frac = 0
+    key.whole = whole
+    key.frac = frac
     zero[0] = allzero
-    return 1
+    return 1 if fits else 2
+
+
+cdef int parse_price(object v, Key* key, str what) except -1:
+    cdef bint zero
+    cdef int r = parse_decimal(v, key, &zero)
+    if r == 0:
+        raise CodecError(f"a price of {what} must be a decimal string")
+    if r == 2:
+        raise CodecError(f"a price of {what} is out of range")
+    return 0
+
+
+cdef int parse_size(object v, bint* zero, str what) except -1:
+    cdef Key ignored
+    if parse_decimal(v, &ignored, zero) == 0:
+        raise CodecError(f"a size of {what} must be a decimal string")
+    return 0
 
 
 cdef int put_level(Buf* b, PyObject* price, PyObject* size, bint first) except -1:
@@ -1070,7 +1127,7 @@ cdef class BookCodec(_Codec):
     cdef bytes _pre_snap
     cdef bytes _pre_upd
     # per-level parse results of the frame being applied (grown, never shrunk)
-    cdef double* _keys
+    cdef Key* _keys
     cdef char* _zero
     cdef Py_ssize_t _kcap
 
@@ -1133,13 +1190,13 @@ cdef class BookCodec(_Codec):
             raise
 
     cdef int _reserve(self, Py_ssize_t need) except -1:
-        cdef double* k
+        cdef Key* k
         cdef char* z
         if need <= self._kcap:
             return 0
         if need < 256:
             need = 256
-        k = <double*>realloc(self._keys, need * sizeof(double))
+        k = <Key*>realloc(self._keys, need * sizeof(Key))
         if k == NULL:
             raise MemoryError()
         self._keys = k
@@ -1154,15 +1211,12 @@ cdef class BookCodec(_Codec):
         cdef Py_ssize_t i, n = PyList_GET_SIZE(side)
         cdef object level
         cdef bint zero
-        cdef double ignored
         for i in range(n):
             level = <object>PyList_GET_ITEM(side, i)
             if not PyList_CheckExact(level) or PyList_GET_SIZE(level) != 2:
                 raise CodecError(f"a level of {what} must be [price, size]")
-            if not parse_decimal(<object>PyList_GET_ITEM(level, 0), self._keys + at + i, &zero):
-                raise CodecError(f"a price of {what} must be a decimal string")
-            if not parse_decimal(<object>PyList_GET_ITEM(level, 1), &ignored, &zero):
-                raise CodecError(f"a size of {what} must be a decimal string")
+            parse_price(<object>PyList_GET_ITEM(level, 0), self._keys + at + i, what)
+            parse_size(<object>PyList_GET_ITEM(level, 1), &zero, what)
             self._zero[at + i] = zero
         return 0
 
@@ -1262,7 +1316,7 @@ cdef class BookCodec(_Codec):
         self._apply(&self._asks, asks, nb)
         if (
             self._bids.n and self._asks.n
-            and self._bids.lv[self._bids.n - 1].key >= self._asks.lv[0].key
+            and not key_lt(self._bids.lv[self._bids.n - 1].key, self._asks.lv[0].key)
         ):
             self._untrust(RESYNC_CROSSED)
             return []
@@ -1322,8 +1376,8 @@ cdef class BookCodec(_Codec):
     def follow(self, message) -> None:
         """Take a Message of this stream made by another node's codec (a cluster follower keeps
         the book this way to serve its own late joiners)."""
-        cdef double key, ignored
-        cdef bint zero, price_zero
+        cdef Key key
+        cdef bint zero
         cdef Side* s
         doc = orjson.loads(message.payload)
         data = doc["data"]
@@ -1334,11 +1388,8 @@ cdef class BookCodec(_Codec):
             s = &self._bids if name == "bids" else &self._asks
             for level in data[name]:
                 price, size = level
-                if not (
-                    parse_decimal(price, &key, &price_zero)
-                    and parse_decimal(size, &ignored, &zero)
-                ):
-                    raise CodecError("a followed book level is not [price, size]")
+                parse_price(price, &key, "a followed book")
+                parse_size(size, &zero, "a followed book")
                 side_apply(s, key, <PyObject*>price, <PyObject*>size, zero)
         self._u = data["updateId"]
         self._cts = data["time"]

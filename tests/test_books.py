@@ -296,6 +296,9 @@ def test_snapshot_and_update_contract(codecs: dict[str, type]) -> None:
         (frame("delta", 11, [["100.1", "x"]], []), "malformed"),
         (frame("delta", 11, [["100.1", "-1"]], []), "malformed"),
         (frame("delta", 11, [["100.1", "1", "2"]], []), "malformed"),
+        (frame("delta", 11, [["1" + "0" * 19, "1"]], []), "malformed"),
+        (frame("delta", 11, [["1." + "0" * 19, "1"]], []), "malformed"),
+        (frame("delta", 11, [["1e2", "1"]], []), "malformed"),
     ],
 )
 def test_an_untrusted_delta_drops_the_book_and_asks_for_a_resubscribe(
@@ -330,6 +333,22 @@ def test_a_mid_stream_snapshot_is_taken_and_counted(
     assert codec.take_resync() == (reason, False)
     (update,) = feed_all(codec, [frame("delta", u + 1, [], [["101.1", "1"]])])
     assert update["type"] == "update" and update["data"]["updateId"] == u + 1
+
+
+@pytest.mark.parametrize("codecs", IMPLS)
+def test_a_price_is_its_exact_value(codecs: dict[str, type]) -> None:
+    codec = codecs[ORDERBOOK](BOOK50)
+    big = "9" * 19 + "." + "9" * 18
+    feed_all(codec, [frame("snapshot", 10, [["100.5", "1"], ["0100.49", "2"]], [[big, "1"]])])
+    (update,) = feed_all(codec, [frame("delta", 11, [["100.50", "3"]], [[big, "0"]])])
+    assert update["data"]["bids"] == [["100.50", "3"]]  # the exchange's string, as sent
+    assert doc(codec.snapshot())["data"] == {
+        "symbol": "BTCUSDT",
+        "bids": [["100.50", "3"], ["0100.49", "2"]],  # one level for 100.5 and 100.50
+        "asks": [],
+        "updateId": 11,
+        "time": 1699999999998,
+    }
 
 
 @pytest.mark.parametrize("codecs", IMPLS)

@@ -36,4 +36,9 @@ RESYNC_REASONS = (
 
 # A price or size: ASCII digits with an optional fraction, nothing else (no sign, exponent,
 # spaces, "inf" or "nan"). Sizes whose digits are all zero delete the level.
-DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+DECIMAL_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+# A level's price is ordered and matched by its exact value: (integer part, fraction scaled to
+# PRICE_FRACTION digits), so "100.5" and "100.50" are one level and no float rounding enters.
+# Both parts must fit 64 bits unsigned: at most PRICE_INT_DIGITS significant integer digits.
+PRICE_INT_DIGITS = 19
+PRICE_FRACTION = 18

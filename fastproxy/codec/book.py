@@ -13,8 +13,8 @@ resync, counted, with nothing to resubscribe).
 Depth 1 is snapshot-only on Bybit and repeats an unchanged book every 3 s with the same `u`:
 there every Message is a complete `snapshot`, and a repeated `u` is a heartbeat.
 
-Levels are keyed by the price's value (a double, exact for ordering any decimal an exchange
-prints) and keep the exchange's strings unchanged.
+Levels are keyed by the price's exact decimal value (see `price_key`) and keep the exchange's
+strings unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import orjson
 from fastproxy.codec._books import (
     DECIMAL_RE,
     LIQUIDATION_SIDES,
+    PRICE_FRACTION,
+    PRICE_INT_DIGITS,
     RESYNC_BACKWARD,
     RESYNC_CROSSED,
     RESYNC_GAP,
@@ -53,8 +55,22 @@ _dumps = orjson.dumps
 _decimal = DECIMAL_RE.fullmatch
 
 
-def _levels(side: Any, what: str) -> list[tuple[float, str, str, bool]]:
-    """A frame's `b` or `a`: (price value, price, size, deletes) per level, in frame order."""
+Key = tuple[int, int]
+
+
+def price_key(price: Any, what: str) -> Key:
+    """A level's price as its exact value: (integer part, fraction in PRICE_FRACTION digits)."""
+    m = _decimal(price) if type(price) is str else None
+    if m is None:
+        raise CodecError(f"a price of {what} must be a decimal string")
+    whole, fraction = m.group(1).lstrip("0"), m.group(2) or ""
+    if len(whole) > PRICE_INT_DIGITS or len(fraction) > PRICE_FRACTION:
+        raise CodecError(f"a price of {what} is out of range")
+    return int(whole or "0"), int(fraction.ljust(PRICE_FRACTION, "0"))
+
+
+def _levels(side: Any, what: str) -> list[tuple[Key, str, str, bool]]:
+    """A frame's `b` or `a`: (price key, price, size, deletes) per level, in frame order."""
     if type(side) is not list:
         raise CodecError(f"{what} must be a JSON array")
     out = []
@@ -62,28 +78,27 @@ def _levels(side: Any, what: str) -> list[tuple[float, str, str, bool]]:
         if type(level) is not list or len(level) != 2:
             raise CodecError(f"a level of {what} must be [price, size]")
         price, size = level
-        if type(price) is not str or _decimal(price) is None:
-            raise CodecError(f"a price of {what} must be a decimal string")
+        key = price_key(price, what)
         if type(size) is not str or _decimal(size) is None:
             raise CodecError(f"a size of {what} must be a decimal string")
-        out.append((float(price), price, size, size.strip("0.") == ""))
+        out.append((key, price, size, size.strip("0.") == ""))
     return out
 
 
 class _Side:
-    """One side of a book: prices ascending (`keys`) and price value -> [price, size]."""
+    """One side of a book: price keys ascending (`keys`) and price key -> [price, size]."""
 
     __slots__ = ("keys", "levels")
 
     def __init__(self) -> None:
-        self.keys: list[float] = []
-        self.levels: dict[float, list[str]] = {}
+        self.keys: list[Key] = []
+        self.levels: dict[Key, list[str]] = {}
 
     def clear(self) -> None:
         self.keys.clear()
         self.levels.clear()
 
-    def apply(self, key: float, price: str, size: str, deletes: bool) -> None:
+    def apply(self, key: Key, price: str, size: str, deletes: bool) -> None:
         levels = self.levels
         if deletes:
             if levels.pop(key, None) is not None:
@@ -181,7 +196,7 @@ class PyBookCodec:
             self._asks.clear()
         for side, levels in ((self._bids, data["bids"]), (self._asks, data["asks"])):
             for price, size in levels:
-                side.apply(float(price), price, size, size.strip("0.") == "")
+                side.apply(price_key(price, "a followed book"), price, size, size.strip("0.") == "")
         self._u = data["updateId"]
         self._cts = data["time"]
         self._ts = message.ts
