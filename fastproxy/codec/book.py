@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from fastproxy.codec._books import (
+from fastproxy.codec.tables import (
     DECIMAL_RE,
     LIQUIDATION_SIDES,
     PRICE_FRACTION,
@@ -37,19 +37,12 @@ from fastproxy.codec._books import (
     RESYNC_REPEAT,
     RESYNC_RESTART,
     RESYNC_SNAPSHOT,
-)
-from fastproxy.codec._common import (
-    SNAPSHOT,
-    SOURCE,
-    UPDATE,
     CodecError,
-    Message,
-    as_snapshot,
     check_ms,
     check_str,
-    ws_text_frame,
 )
 from fastproxy.streams import LIQUIDATION, ORDERBOOK, Stream
+from fastproxy.wire import SNAPSHOT, SOURCE, UPDATE, Message, as_snapshot, new_epoch, ws_text_frame
 
 _dumps = orjson.dumps
 _decimal = DECIMAL_RE.fullmatch
@@ -130,6 +123,7 @@ class PyBookCodec:
         "_snap",
         "_ts",
         "_u",
+        "epoch",
         "resync",
         "seq",
         "stream",
@@ -137,11 +131,12 @@ class PyBookCodec:
 
     kind = ORDERBOOK
 
-    def __init__(self, stream: Stream, seq: int = 0) -> None:
+    def __init__(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
         if stream.kind != ORDERBOOK:
             raise ValueError(f"{type(self).__name__} serves orderbook streams, not {stream!r}")
         self.stream = stream
         self.seq = seq
+        self.epoch = new_epoch() if epoch is None else epoch
         self._sid = stream.stream_id
         self._depth: int = stream.depth  # type: ignore[assignment]
         self._bids = _Side()
@@ -201,6 +196,7 @@ class PyBookCodec:
         self._cts = data["time"]
         self._ts = message.ts
         self.seq = message.seq
+        self.epoch = message.epoch
         self._snap = message if message.type == SNAPSHOT else None
 
     # -- the rules -----------------------------------------------------------------------
@@ -324,7 +320,7 @@ class PyBookCodec:
                 "seq": seq,
             }
         )
-        return Message(self._sid, seq, mtype, self._ts, payload, ws_text_frame(payload))
+        return Message(self._sid, seq, mtype, self._ts, payload, ws_text_frame(payload), self.epoch)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.stream!r}, seq={self.seq}, u={self._u})"
@@ -333,20 +329,20 @@ class PyBookCodec:
 class PyLiquidationCodec:
     """One Message per Bybit allLiquidation frame; its data lists the events in exchange order."""
 
-    __slots__ = ("_fresh", "_last", "_sid", "_snap", "_symbol", "seq", "stream")
+    __slots__ = ("_fresh", "_last", "_sid", "_symbol", "epoch", "seq", "stream")
 
     kind = LIQUIDATION
 
-    def __init__(self, stream: Stream, seq: int = 0) -> None:
+    def __init__(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
         if stream.kind != LIQUIDATION:
             raise ValueError(f"{type(self).__name__} serves liquidation streams, not {stream!r}")
         self.stream = stream
         self.seq = seq
+        self.epoch = new_epoch() if epoch is None else epoch
         self._sid = stream.stream_id
         self._symbol = stream.symbol
         self._fresh = True
         self._last: Message | None = None
-        self._snap: Message | None = None
 
     def feed(self, frame: dict) -> list[Message]:
         if type(frame) is not dict:
@@ -388,23 +384,19 @@ class PyLiquidationCodec:
                 "seq": seq,
             }
         )
-        message = Message(self._sid, seq, mtype, ts, payload, ws_text_frame(payload))
+        message = Message(self._sid, seq, mtype, ts, payload, ws_text_frame(payload), self.epoch)
         self.seq = seq
         self._fresh = False
         self._last = message
-        self._snap = None
         return [message]
 
     def snapshot(self) -> Message | None:
         """The last events for a new subscriber (type snapshot, the seq of its last update)."""
-        if self._snap is None and self._last is not None:
-            self._snap = as_snapshot(self._last)
-        return self._snap
+        return None if self._last is None else as_snapshot(self._last)
 
     def reset(self) -> None:
         self._fresh = True
         self._last = None
-        self._snap = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.stream!r}, seq={self.seq})"
