@@ -339,6 +339,7 @@ class RedisBus:
         if st.role == FOLLOWER:
             st.role = NONE
             st.buffer = None
+            st.book = None
         elif st.role == LOCAL:
             self._feed.remove(stream)
             st.role = NONE
