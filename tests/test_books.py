@@ -167,8 +167,10 @@ def run(codecs: dict[str, type], plan: list) -> tuple[list[bytes], list[str]]:
     client = Client(50)
     out: list[bytes] = []
     reasons: list[str] = []
+    sent = [0]  # the u of the last frame that reached the codec
 
     def send(upstream: dict[str, Any]) -> None:
+        sent[0] = upstream["data"]["u"]
         try:
             messages = codec.feed(upstream)
         except CodecError:
@@ -198,10 +200,13 @@ def run(codecs: dict[str, type], plan: list) -> tuple[list[bytes], list[str]]:
             send(exchange.delta(change))
         elif kind == "lose":
             exchange.delta(change)
-        elif kind == "repeat":
-            send(exchange.delta(change, u_step=0))
-        elif kind == "backward":
-            send(exchange.delta(change, u_step=-1))
+        elif kind in ("repeat", "backward"):
+            # the u of the last frame the codec saw, or the one before. (A repeat of a frame
+            # that was lost on the way would look like that frame: no exchange client can tell,
+            # Bybit sending no checksum, and the exchange never does it.)
+            bids, asks = exchange.apply(change)
+            u = sent[0] if kind == "repeat" else sent[0] - 1
+            send(frame("delta", u, bids, asks))
         elif kind == "u1":
             exchange.apply(change)
             send(frame("delta", 1, [], []))
