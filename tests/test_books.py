@@ -207,10 +207,10 @@ def run(codecs: dict[str, type], plan: list) -> tuple[list[bytes], list[str]]:
             bids, asks = exchange.apply(change)
             u = sent[0] if kind == "repeat" else sent[0] - 1
             send(frame("delta", u, bids, asks))
-        elif kind == "u1":
+        elif kind == "u1":  # the exchange restarted its numbering
             exchange.apply(change)
-            send(frame("delta", 1, [], []))
             exchange.u = 1
+            send(frame("delta", 1, [], []))
         elif kind == "malformed":
             upstream = exchange.delta(change)
             upstream["data"]["b"].append(["1e3", "1"])
