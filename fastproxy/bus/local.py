@@ -1,0 +1,433 @@
+"""Workers on one machine: one feed process, N worker processes, one Unix socket each.
+
+`LocalBus` is the engine a worker runs: its hub's interest goes to the feed process, and the
+Messages of the streams it holds come back as the feed built them (frame bytes, seq, epoch).
+`LocalHub` is the feed process's end: it stands where a hub would for the machine's real
+engine (memory alone, or Redis in a cluster), so the upstream feed and the codecs run once
+for the machine, each topic is subscribed upstream once however many workers hold it, and the
+machine is one node (one Redis client) in a cluster.
+
+Fan-out to workers is one record per Message per worker holding its stream, never per client;
+what is due for one worker in one loop tick goes out in one write. A worker that joins a stream
+another worker already holds first gets the feed's last Message as its snapshot, so every
+client on every worker sees the same seq line with no gap and no duplicate.
+
+A worker that stops reading (its buffer at the feed passes LINK_BUFFER_LIMIT) is cut off: it
+exits and the supervisor starts a fresh one; the feed never buffers without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fastproxy import ipc
+from fastproxy.codec import Message, as_snapshot
+from fastproxy.streams import Stream, parse_stream_arg
+
+if TYPE_CHECKING:
+    from fastproxy.bus import Bus, DeliverFn, RejectFn, ResetFn
+
+log = logging.getLogger("fastproxy.bus.local")
+
+LINK_BUFFER_LIMIT = 64 * 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+
+
+class _WorkerLink(asyncio.Protocol):
+    """The feed's end of one worker's socket."""
+
+    def __init__(self, hub: LocalHub) -> None:
+        self.hub = hub
+        self.transport: asyncio.Transport | None = None
+        self.reader = ipc.RecordReader()
+        self.out: list[bytes] = []
+        self.streams: set[str] = set()
+        self.worker: int | None = None
+        self.pid: int | None = None
+        self.closed = False
+        self._handlers = {
+            ipc.HELLO: self._on_hello,
+            ipc.ACQUIRE: self._on_acquire,
+            ipc.RELEASE: self._on_release,
+            ipc.REPORT: self._on_report,
+        }
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.hub.links.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            ipc.dispatch(self.reader, data, self._handlers)
+        except (ipc.IPCError, ValueError) as exc:
+            log.error("worker link broken", extra={"worker": self.worker, "error": str(exc)})
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.hub.link_lost(self)
+
+    def send(self, record: bytes) -> None:
+        if self.closed:
+            return
+        out = self.out
+        if not out:
+            self.hub.dirty.append(self)
+            self.hub.schedule_flush()
+        out.append(record)
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if self.closed or self.transport is None or not out:
+            return
+        self.transport.writelines(out)
+        if self.transport.get_write_buffer_size() > LINK_BUFFER_LIMIT:
+            log.error(
+                "worker stopped reading its feed; cutting it off",
+                extra={"worker": self.worker, "pid": self.pid},
+            )
+            self.abort()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _on_hello(self, body: memoryview) -> None:
+        hello = ipc.decode_json(body)
+        self.worker, self.pid = int(hello["worker"]), int(hello["pid"])
+
+    def _on_acquire(self, body: memoryview) -> None:
+        self.hub.acquire(self, parse_stream_arg(ipc.decode_text(body)))
+
+    def _on_release(self, body: memoryview) -> None:
+        self.hub.release(self, parse_stream_arg(ipc.decode_text(body)))
+
+    def _on_report(self, body: memoryview) -> None:
+        if self.worker is not None:
+            self.hub.reports[self.worker] = ipc.decode_json(body)
+
+
+class LocalHub:
+    """The feed process's end of the local bus: the machine's one hub for the real engine."""
+
+    def __init__(self, engine: Bus, path: str, linger: float = 5.0) -> None:
+        self.engine = engine
+        self.path = path
+        self.linger = linger
+        self.links: set[_WorkerLink] = set()
+        self.dirty: list[_WorkerLink] = []
+        self.reports: dict[int, dict[str, Any]] = {}  # worker id -> its latest report
+        self._holders: dict[str, set[_WorkerLink]] = {}  # stream id -> links holding it
+        self._acquired: dict[str, Stream] = {}  # streams the engine was asked for
+        self._last: dict[str, Message] = {}  # stream id -> last Message (joiners' snapshot)
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._flush_scheduled = False
+        self._server: asyncio.AbstractServer | None = None
+        self.messages_in = 0
+        self.records_out = 0
+        engine.attach(self._deliver, self._reset, self._reject)
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _WorkerLink(self), self.path)
+
+    async def stop(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._server is not None:
+            self._server.close()
+        for link in list(self.links):
+            link.abort()
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # -- interest from workers -----------------------------------------------------------
+
+    def acquire(self, link: _WorkerLink, stream: Stream) -> None:
+        sid = stream.stream_id
+        timer = self._timers.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+        self._holders.setdefault(sid, set()).add(link)
+        link.streams.add(sid)
+        if sid not in self._acquired:
+            self._acquired[sid] = stream
+            self.engine.acquire(stream)
+            return
+        last = self._last.get(sid)
+        if last is not None:
+            link.send(ipc.encode_message(as_snapshot(last)))
+
+    def release(self, link: _WorkerLink, stream: Stream) -> None:
+        """A worker's last client left (after the worker's own linger): release at once."""
+        sid = stream.stream_id
+        link.streams.discard(sid)
+        holders = self._holders.get(sid)
+        if holders is not None:
+            holders.discard(link)
+        self._release(sid)
+
+    def link_lost(self, link: _WorkerLink) -> None:
+        """A worker is gone: its streams linger, so its clients reconnecting to another
+        worker find them still upstream with their seq line unbroken."""
+        self.links.discard(link)
+        for sid in link.streams:
+            holders = self._holders.get(sid)
+            if holders is None:
+                continue
+            holders.discard(link)
+            if not holders and sid not in self._timers:
+                if self.linger > 0:
+                    loop = asyncio.get_running_loop()
+                    self._timers[sid] = loop.call_later(self.linger, self._release, sid)
+                else:
+                    self._release(sid)
+        link.streams.clear()
+
+    def _release(self, sid: str) -> None:
+        self._timers.pop(sid, None)
+        if self._holders.get(sid):
+            return
+        self._holders.pop(sid, None)
+        self._last.pop(sid, None)
+        stream = self._acquired.pop(sid, None)
+        if stream is not None:
+            self.engine.release(stream)
+
+    # -- from the engine -----------------------------------------------------------------
+
+    def _deliver(self, message: Message) -> None:
+        sid = message.stream_id
+        if sid not in self._acquired:
+            return
+        self.messages_in += 1
+        self._last[sid] = message
+        holders = self._holders.get(sid)
+        if not holders:
+            return
+        record = ipc.encode_message(message)
+        for link in holders:
+            link.send(record)
+        self.records_out += len(holders)
+
+    def _reset(self, stream: Stream) -> None:
+        sid = stream.stream_id
+        self._last.pop(sid, None)
+        record = ipc.encode_text(ipc.RESET, sid)
+        for link in self._holders.get(sid, ()):
+            link.send(record)
+
+    def _reject(self, stream: Stream, reason: str) -> None:
+        sid = stream.stream_id
+        self._last.pop(sid, None)
+        self._acquired.pop(sid, None)
+        timer = self._timers.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+        record = ipc.encode_json(ipc.REJECT, [sid, reason])
+        for link in self._holders.pop(sid, set()):
+            link.streams.discard(sid)
+            link.send(record)
+
+    # -- to workers ----------------------------------------------------------------------
+
+    def broadcast(self, record: bytes) -> None:
+        for link in self.links:
+            link.send(record)
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for link in dirty:
+            link.flush()
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._acquired)
+
+    def streams_by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for sid, stream in self._acquired.items():
+            if self._holders.get(sid):
+                counts[stream.kind] = counts.get(stream.kind, 0) + 1
+        return counts
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "workers_linked": len(self.links),
+            "streams": len(self._acquired),
+            "lingering": len(self._timers),
+            "messages_in": self.messages_in,
+            "records_out": self.records_out,
+        }
+
+
+class _FeedLink(asyncio.Protocol):
+    """A worker's end of its socket to the feed process."""
+
+    def __init__(self, bus: LocalBus) -> None:
+        self.bus = bus
+        self.reader = ipc.RecordReader()
+        self.transport: asyncio.Transport | None = None
+        self._handlers = {
+            ipc.MESSAGE: bus._on_message,
+            ipc.RESET: bus._on_reset,
+            ipc.REJECT: bus._on_reject,
+            ipc.NODE: bus._on_node,
+        }
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            ipc.dispatch(self.reader, data, self._handlers)
+        except (ipc.IPCError, ValueError) as exc:
+            log.error("feed link broken", extra={"error": str(exc)})
+            if self.transport is not None:
+                self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.bus._link_lost()
+
+
+class LocalBus:
+    """The engine of a worker: interest to the feed process, Messages back from it."""
+
+    name = "local"
+
+    def __init__(
+        self, path: str, worker: int = 0, on_lost: Callable[[], None] | None = None
+    ) -> None:
+        self.path = path
+        self.worker = worker
+        self.on_lost = on_lost
+        self._deliver: DeliverFn | None = None
+        self._reset: ResetFn | None = None
+        self._reject: RejectFn | None = None
+        self._held: dict[str, Stream] = {}
+        self._link: _FeedLink | None = None
+        self._stopping = False
+        self.linked = False
+        self.node: dict[str, Any] | None = None  # the feed's latest node snapshot
+        self.node_at = 0.0  # loop time it came
+        self.first_node = asyncio.Event()
+        self.messages_in = 0
+
+    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
+        self._deliver, self._reset, self._reject = deliver, reset, reject
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECT_TIMEOUT
+        while True:
+            try:
+                _, self._link = await loop.create_unix_connection(
+                    lambda: _FeedLink(self), self.path
+                )
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        self.linked = True
+        self._send(ipc.encode_json(ipc.HELLO, {"worker": self.worker, "pid": os.getpid()}))
+        for stream in self._held.values():
+            self._send(ipc.encode_text(ipc.ACQUIRE, stream.arg))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        link = self._link
+        if link is not None and link.transport is not None:
+            link.transport.close()
+
+    def acquire(self, stream: Stream) -> None:
+        self._held[stream.stream_id] = stream
+        self._send(ipc.encode_text(ipc.ACQUIRE, stream.arg))
+
+    def release(self, stream: Stream) -> None:
+        if self._held.pop(stream.stream_id, None) is not None:
+            self._send(ipc.encode_text(ipc.RELEASE, stream.arg))
+
+    def report(self, stats: dict[str, Any]) -> None:
+        """This worker's stats, for the node's aggregate."""
+        self._send(ipc.encode_json(ipc.REPORT, stats))
+
+    def _send(self, record: bytes) -> None:
+        link = self._link
+        if self.linked and link is not None and link.transport is not None:
+            link.transport.write(record)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "healthy": self.linked,
+            "worker": self.worker,
+            "streams_held": len(self._held),
+            "messages_in": self.messages_in,
+        }
+
+    @property
+    def healthy(self) -> bool:
+        return self.linked
+
+    # -- from the feed -------------------------------------------------------------------
+
+    def _on_message(self, body: memoryview) -> None:
+        fields = ipc.MessageFields(body)
+        if fields.stream_id not in self._held or self._deliver is None:
+            return
+        self.messages_in += 1
+        frame = fields.frame
+        self._deliver(
+            Message(
+                fields.stream_id,
+                fields.seq,
+                fields.type,
+                fields.ts,
+                ipc.frame_payload(frame),
+                frame,
+            )
+        )
+
+    def _on_reset(self, body: memoryview) -> None:
+        stream = self._held.get(ipc.decode_text(body))
+        if stream is not None and self._reset is not None:
+            self._reset(stream)
+
+    def _on_reject(self, body: memoryview) -> None:
+        sid, reason = ipc.decode_json(body)
+        stream = self._held.pop(sid, None)
+        if stream is not None and self._reject is not None:
+            self._reject(stream, reason)
+
+    def _on_node(self, body: memoryview) -> None:
+        self.node = ipc.decode_json(body)
+        self.node_at = asyncio.get_running_loop().time()
+        self.first_node.set()
+
+    def _link_lost(self) -> None:
+        was_linked, self.linked = self.linked, False
+        if was_linked and not self._stopping:
+            log.error("lost the feed process", extra={"worker": self.worker})
+            if self.on_lost is not None:
+                self.on_lost()

@@ -1,0 +1,130 @@
+"""The records the feed process and the workers of one machine exchange (sans-I/O).
+
+One Unix stream socket per worker carries length-prefixed records: a little-endian u32 body
+length, then the body, whose first byte is the record's kind. A Message travels as a fixed
+header (type, seq, epoch, ts, stream id length) followed by the stream id and the complete
+WebSocket frame the feed built, so a worker fans out exactly the feed's bytes and never
+re-serializes; the payload is the frame minus its 2, 4 or 10 byte header.
+
+Control records (interest, reports, node snapshots) are small and rare: their bodies are JSON.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+
+_LEN = struct.Struct("<I")
+_MSG = struct.Struct("<BBBqqq")  # kind, type code, sid length, seq, epoch, ts
+
+# feed -> worker
+MESSAGE = ord("M")
+RESET = ord("R")  # body: stream id
+REJECT = ord("J")  # body: JSON [stream id, reason]
+NODE = ord("N")  # body: JSON node snapshot (stats of every worker and of the feed)
+# worker -> feed
+HELLO = ord("H")  # body: JSON {"worker": id, "pid": pid}
+ACQUIRE = ord("A")  # body: the stream's client arg
+RELEASE = ord("U")  # body: the stream's client arg
+REPORT = ord("T")  # body: JSON stats of the worker
+
+TYPES = ("update", "snapshot")
+_TYPE_CODES = {name: code for code, name in enumerate(TYPES)}
+MAX_RECORD = 64 * 1024 * 1024
+
+
+class IPCError(ValueError):
+    """Bytes that are not a record stream of ours: the link is broken, not the Message."""
+
+
+def _record(body: bytes) -> bytes:
+    return _LEN.pack(len(body)) + body
+
+
+def encode_message(message: Any) -> bytes:
+    """One Message as its record: its frame bytes as the feed built them."""
+    sid = message.stream_id.encode()
+    header = _MSG.pack(
+        MESSAGE,
+        _TYPE_CODES[message.type],
+        len(sid),
+        message.seq,
+        getattr(message, "epoch", 0),
+        message.ts,
+    )
+    frame = message.frame
+    return _LEN.pack(_MSG.size + len(sid) + len(frame)) + header + sid + frame
+
+
+def encode_text(kind: int, text: str) -> bytes:
+    return _record(bytes((kind,)) + text.encode())
+
+
+def encode_json(kind: int, obj: Any) -> bytes:
+    return _record(bytes((kind,)) + orjson.dumps(obj))
+
+
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of an unmasked server frame (its header is 2, 4 or 10 bytes long)."""
+    length = frame[1] & 0x7F
+    return frame[2 if length < 126 else 4 if length == 126 else 10 :]
+
+
+class MessageFields:
+    """A decoded Message record, before it becomes the codec's Message class."""
+
+    __slots__ = ("epoch", "frame", "seq", "stream_id", "ts", "type")
+
+    def __init__(self, body: memoryview) -> None:
+        _, code, sid_len, self.seq, self.epoch, self.ts = _MSG.unpack_from(body)
+        start = _MSG.size
+        self.stream_id = bytes(body[start : start + sid_len]).decode()
+        self.type = TYPES[code]
+        self.frame = bytes(body[start + sid_len :])
+
+
+class RecordReader:
+    """Bytes in (any chunking), whole record bodies out: `feed(data)` yields a memoryview of
+    each body (over immutable bytes, so it may be kept)."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> Iterator[memoryview]:
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        view = memoryview(data)
+        offset, end = 0, len(data)
+        while end - offset >= 4:
+            (length,) = _LEN.unpack_from(view, offset)
+            if length == 0 or length > MAX_RECORD:
+                raise IPCError(f"record of {length} bytes")
+            if end - offset - 4 < length:
+                break
+            yield view[offset + 4 : offset + 4 + length]
+            offset += 4 + length
+        if offset < end:
+            self._rest = data[offset:]
+
+
+def decode_text(body: memoryview) -> str:
+    return bytes(body[1:]).decode()
+
+
+def decode_json(body: memoryview) -> Any:
+    return orjson.loads(body[1:])
+
+
+def dispatch(
+    reader: RecordReader, data: bytes, handlers: dict[int, Callable[[memoryview], None]]
+) -> None:
+    """Feed `data` and call the handler of each whole record's kind (unknown kinds: IPCError)."""
+    for body in reader.feed(data):
+        handler = handlers.get(body[0])
+        if handler is None:
+            raise IPCError(f"unknown record kind {body[0]!r}")
+        handler(body)
