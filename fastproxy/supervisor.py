@@ -262,7 +262,11 @@ class Supervisor:
     def _reap(self, slot: _Slot) -> None:
         process = slot.process
         asyncio.get_running_loop().remove_reader(process.sentinel)
-        process.join(0)
+        # The sentinel closes as the process exits, a moment before it can be waited for.
+        process.join(2.0)
+        if process.is_alive():  # it closed the sentinel itself and lives on: end it
+            process.kill()
+            process.join()
         code = process.exitcode
         assert self.local is not None
         report = self.local.reports.pop(slot.index, None)
@@ -307,7 +311,8 @@ class Supervisor:
                 log.warning("worker did not stop in time; killed", extra={"worker": slot.index})
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.process.pid, signal.SIGKILL)
-        while any(s.process is not None for s in self.slots):
+        deadline = time.monotonic() + 5.0
+        while any(s.process is not None for s in self.slots) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     # -- the node's numbers --------------------------------------------------------------
