@@ -2,8 +2,8 @@
 
 One Unix stream socket per worker carries length-prefixed records: a little-endian u32 body
 length, then the body, whose first byte is the record's kind. A Message travels as a fixed
-header (type, seq, epoch, ts, stream id length) followed by the stream id and the complete
-WebSocket frame the feed built, so a worker fans out exactly the feed's bytes and never
+header (type, seq, ts, the lengths of stream id and epoch) followed by the stream id, the
+epoch and the complete WebSocket frame the feed built, so a worker fans out exactly the feed's bytes and never
 re-serializes; the payload is the frame minus its 2, 4 or 10 byte header.
 
 Control records (interest, reports, node snapshots) are small and rare: their bodies are JSON.
@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 _LEN = struct.Struct("<I")
-_MSG = struct.Struct("<BBBqqq")  # kind, type code, sid length, seq, epoch, ts
+_MSG = struct.Struct("<BBBBqq")  # kind, type code, sid length, epoch length, seq, ts
 
 # feed -> worker
 MESSAGE = ord("M")
@@ -47,16 +47,12 @@ def _record(body: bytes) -> bytes:
 def encode_message(message: Any) -> bytes:
     """One Message as its record: its frame bytes as the feed built them."""
     sid = message.stream_id.encode()
+    epoch = getattr(message, "epoch", "").encode()
     header = _MSG.pack(
-        MESSAGE,
-        _TYPE_CODES[message.type],
-        len(sid),
-        message.seq,
-        getattr(message, "epoch", 0),
-        message.ts,
+        MESSAGE, _TYPE_CODES[message.type], len(sid), len(epoch), message.seq, message.ts
     )
     frame = message.frame
-    return _LEN.pack(_MSG.size + len(sid) + len(frame)) + header + sid + frame
+    return _LEN.pack(_MSG.size + len(sid) + len(epoch) + len(frame)) + header + sid + epoch + frame
 
 
 def encode_text(kind: int, text: str) -> bytes:
@@ -79,11 +75,13 @@ class MessageFields:
     __slots__ = ("epoch", "frame", "seq", "stream_id", "ts", "type")
 
     def __init__(self, body: memoryview) -> None:
-        _, code, sid_len, self.seq, self.epoch, self.ts = _MSG.unpack_from(body)
+        _, code, sid_len, epoch_len, self.seq, self.ts = _MSG.unpack_from(body)
         start = _MSG.size
-        self.stream_id = bytes(body[start : start + sid_len]).decode()
+        end = start + sid_len
+        self.stream_id = bytes(body[start:end]).decode()
+        self.epoch = bytes(body[end : end + epoch_len]).decode()
         self.type = TYPES[code]
-        self.frame = bytes(body[start + sid_len :])
+        self.frame = bytes(body[end + epoch_len :])
 
 
 class RecordReader:
