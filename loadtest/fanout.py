@@ -101,9 +101,9 @@ SCENARIOS: dict[str, list[Scenario]] = {
         )
     ],
     "smoke": [Scenario("smoke", 20, 2, 20.0, duration=3.0, warmup=0.5, workers=1)],
-    # S1 past what one core delivers: run it with --targets proxy,proxy-w2 (one process
-    # against a supervisor with two workers) to see what a second core adds.
-    "W": [Scenario("W", 1000, 1, 200.0, duration=10.0, note="S1 at saturation: 200/s")],
+    # S1 with twice the clients: run it with --targets proxy,proxy-w2 (one process against a
+    # supervisor with two workers) to see what the second core takes and what the hop costs.
+    "W": [Scenario("W", 2000, 1, 40.0, duration=10.0, note="S1 doubled: 2000 clients")],
     # Load against latency and throughput: 1000 clients on 1..20 tickers at 10/s.
     "sweep": [
         Scenario(f"sweep-{n}", 1000, n, 10.0, duration=10.0, note=f"1000 clients x {n} tickers")
@@ -454,6 +454,10 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
             "connected_at_end": sum(f["connected_at_end"] for f in finals),
             "server_cpu_s": round(server_cpu, 2),
             "server_cpu_util": round(server_cpu / window, 3),
+            # the supervisor first, then its workers (one entry for a single-process server)
+            "server_cpu_util_by_process": [
+                round((server1[p] - server0[p]) / window, 3) for p in server1 if p in server0
+            ],
             "cpu_us_per_delivery": round(server_cpu / count * 1e6, 3) if count else None,
             "sim_cpu_util": round((cpu1["sim"] - cpu0["sim"]) / window, 3),
             "clients_cpu_util": round(
