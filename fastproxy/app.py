@@ -116,17 +116,8 @@ class App:
     def health(self) -> tuple[bool, dict[str, Any]]:
         assert self.feed is not None and self.bus is not None
         upstream = self.feed.pool.status()
-        bus = self.bus.status()
-        reasons = []
-        down_since = upstream.get("down_since")
-        if (
-            down_since is not None
-            and time.monotonic() - down_since > self.config.upstream_down_threshold
-        ):
-            reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
-        if not self.bus.healthy:
-            reasons.append("redis unreachable")
-        body: dict[str, Any] = {"upstream": upstream, "bus": bus}
+        reasons = health_reasons(self.config, upstream, self.bus)
+        body: dict[str, Any] = {"upstream": upstream, "bus": self.bus.status()}
         if reasons:
             body["reason"] = "; ".join(reasons)
         return not reasons, body
@@ -162,6 +153,17 @@ class App:
             await asyncio.wait_for(self.stop(), self.config.shutdown_timeout)
         except TimeoutError:
             log.warning("graceful stop took too long; exiting anyway")
+
+
+def health_reasons(config: Config, upstream: dict[str, Any], bus: Bus) -> list[str]:
+    """Why the node is degraded (nothing: healthy), from its upstream pool and bus."""
+    reasons = []
+    down_since = upstream.get("down_since")
+    if down_since is not None and time.monotonic() - down_since > config.upstream_down_threshold:
+        reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
+    if not bus.healthy:
+        reasons.append("redis unreachable")
+    return reasons
 
 
 def run(config: Config) -> int:

@@ -3,8 +3,8 @@
 One Unix stream socket per worker carries length-prefixed records: a little-endian u32 body
 length, then the body, whose first byte is the record's kind. A Message travels as a fixed
 header (type, seq, ts, the lengths of stream id and epoch) followed by the stream id, the
-epoch and the complete WebSocket frame the feed built, so a worker fans out exactly the feed's bytes and never
-re-serializes; the payload is the frame minus its 2, 4 or 10 byte header.
+epoch and the complete WebSocket frame the feed built, so a worker fans out exactly the feed's
+bytes and never re-serializes; the payload is the frame minus its 2, 4 or 10 byte header.
 
 Control records (interest, reports, node snapshots) are small and rare: their bodies are JSON.
 """
@@ -47,7 +47,7 @@ def _record(body: bytes) -> bytes:
 def encode_message(message: Any) -> bytes:
     """One Message as its record: its frame bytes as the feed built them."""
     sid = message.stream_id.encode()
-    epoch = getattr(message, "epoch", "").encode()
+    epoch = message.epoch.encode()
     header = _MSG.pack(
         MESSAGE, _TYPE_CODES[message.type], len(sid), len(epoch), message.seq, message.ts
     )

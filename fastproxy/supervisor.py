@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastproxy import __version__, ipc, nodestats
+from fastproxy.app import health_reasons
 from fastproxy.bus import Bus, MemoryBus
 from fastproxy.bus.local import LocalBus, LocalHub
 from fastproxy.codec import IMPLEMENTATION
@@ -225,20 +226,23 @@ class Supervisor:
         )
         self.feed = Feed(settings)
         if config.redis_url:
-            from fastproxy.bus.redis import RedisBus
+            from fastproxy.bus.redis.shell import RedisBus
 
             self.engine = RedisBus(self.feed, config)
         else:
             self.engine = MemoryBus(self.feed)
         self.local = LocalHub(self.engine, self._path, linger=config.unsubscribe_linger)
         await self.local.start()
+        await self.feed.start()
         await self.engine.start()
 
     async def _stop_feed(self) -> None:
         if self.local is not None:
             await self.local.stop()
         if self.engine is not None:
-            await self.engine.stop()
+            await self.engine.stop()  # hands owned streams over while the feed still runs
+        if self.feed is not None:
+            await self.feed.stop()
         if self.sim is not None:
             await self.sim.stop()
 
@@ -354,16 +358,7 @@ class Supervisor:
 
     def _health(self) -> list[Any]:
         assert self.feed is not None and self.engine is not None
-        upstream = self.feed.pool.status()
-        reasons = []
-        down_since = upstream.get("down_since")
-        if (
-            down_since is not None
-            and time.monotonic() - down_since > self.config.upstream_down_threshold
-        ):
-            reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
-        if not self.engine.healthy:
-            reasons.append("redis unreachable")
+        reasons = health_reasons(self.config, self.feed.pool.status(), self.engine)
         return [not reasons, reasons]
 
 
@@ -389,6 +384,7 @@ class Worker:
         self.index = index
         self.bus = LocalBus(path, index, on_lost=self._feed_lost)
         self.hub = Hub(self.bus, linger=config.unsubscribe_linger)
+        self.bus.attach(self.hub)
         self.catalogue = SymbolCatalogue(
             config.bybit_rest_url or default_rest_url(config.bybit_ws_url)
         )
@@ -442,7 +438,7 @@ class Worker:
                     "pid": os.getpid(),
                     "ready": self.server.ready,
                     "connections": self.server.stats(),
-                    "pubsub": self.hub.stats(),
+                    "hub": self.hub.stats(),
                 }
             )
             await asyncio.sleep(REPORT_INTERVAL)
@@ -471,16 +467,16 @@ class Worker:
         connections = dict(totals.get("connections", {}))
         connections["max_clients"] = self.config.max_clients_total
         connections.setdefault("drops", {})
-        pubsub = dict(totals.get("pubsub", {}))
-        pubsub["streams"] = node.get("streams", 0)
-        pubsub["streams_by_kind"] = node.get("streams_by_kind", {})
+        hub = dict(totals.get("hub", {}))
+        hub["streams"] = node.get("streams", 0)
+        hub["streams_by_kind"] = node.get("streams_by_kind", {})
         workers = [
             {
                 "id": report["worker"],
                 "pid": report["pid"],
                 "ready": report["ready"],
                 "connected": report["connections"]["connected"],
-                "subscriptions": report["pubsub"]["subscriptions"],
+                "subscriptions": report["hub"]["subscriptions"],
                 "messages_sent": report["connections"]["messages_sent"],
             }
             for report in node.get("workers", {}).values()
@@ -495,7 +491,8 @@ class Worker:
             "workers": workers,
             "connections": connections,
             "upstream": node.get("upstream", {}),
-            "pubsub": pubsub,
+            "hub": hub,
+            "pubsub": hub,  # the same figures under their first name, for existing readers
             "bus": node.get("bus", {}),
             "feed": node.get("feed", {}),
             "catalogue": self.catalogue.status(),

@@ -161,8 +161,8 @@ async def test_two_workers_share_the_port_one_upstream_subscription_same_bytes()
             assert counts.get("tickers.BTCUSDT") == 1 and counts.get("tickers.ETHUSDT") == 1
             stats = await node.stats()
             assert stats["upstream"]["topics"]["live"] == 2
-            assert stats["pubsub"]["streams"] == 2
-            assert stats["pubsub"]["subscriptions"] == 2 * CLIENTS
+            assert stats["hub"]["streams"] == 2
+            assert stats["hub"]["subscriptions"] == 2 * CLIENTS
             # Every client on either worker got the same bytes for the same seq (a late
             # joiner's first one is that Message marked snapshot).
             for stream in (BTC, ETH):

@@ -73,7 +73,7 @@ def test_node_totals_add_workers_and_keep_the_dead_ones_counters() -> None:
                 "connections_total": connected,
                 "drops": {"idle": drops},
             },
-            "pubsub": {"subscriptions": connected, "deliveries": sent},
+            "hub": {"subscriptions": connected, "deliveries": sent},
         }
 
     retired: dict = {}
@@ -88,7 +88,7 @@ def test_node_totals_add_workers_and_keep_the_dead_ones_counters() -> None:
     assert after["connections"]["messages_sent"] == 150  # counters never go backwards
     assert after["connections"]["drops"] == {"idle": 1}
     assert after["connections"]["connected"] == 2  # gauges are the living's only
-    assert after["pubsub"]["subscriptions"] == 2
+    assert after["hub"]["subscriptions"] == 2
 
 
 def test_restart_policy_backs_off_and_gives_up_on_a_crash_loop() -> None:

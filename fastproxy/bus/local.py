@@ -10,7 +10,8 @@ machine is one node (one Redis client) in a cluster.
 Fan-out to workers is one record per Message per worker holding its stream, never per client;
 what is due for one worker in one loop tick goes out in one write. A worker that joins a stream
 another worker already holds first gets the feed's last Message as its snapshot, so every
-client on every worker sees the same seq line with no gap and no duplicate.
+client on every worker sees the same seq line with no gap and no duplicate. The worker's end
+applies the same delivery rules (fastproxy.bus.delivery) as every engine.
 
 A worker that stops reading (its buffer at the feed passes LINK_BUFFER_LIMIT) is cut off: it
 exits and the supervisor starts a fresh one; the feed never buffers without bound.
@@ -26,11 +27,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastproxy import ipc
-from fastproxy.codec import Message, as_snapshot
-from fastproxy.streams import Stream, parse_stream_arg
+from fastproxy.bus.delivery import Delivery
+from fastproxy.codec import Message
+from fastproxy.streams import KINDS, Stream, parse_stream_arg
+from fastproxy.wire import LastValues
 
 if TYPE_CHECKING:
-    from fastproxy.bus import Bus, DeliverFn, RejectFn, ResetFn
+    from fastproxy.bus import Bus, Handler
 
 log = logging.getLogger("fastproxy.bus.local")
 
@@ -114,7 +117,8 @@ class _WorkerLink(asyncio.Protocol):
 
 
 class LocalHub:
-    """The feed process's end of the local bus: the machine's one hub for the real engine."""
+    """The feed process's end of the local bus: the machine's one hub for the real engine
+    (a Handler: the engine delivers to it what the machine's workers hold)."""
 
     def __init__(self, engine: Bus, path: str, linger: float = 5.0) -> None:
         self.engine = engine
@@ -125,13 +129,13 @@ class LocalHub:
         self.reports: dict[int, dict[str, Any]] = {}  # worker id -> its latest report
         self._holders: dict[str, set[_WorkerLink]] = {}  # stream id -> links holding it
         self._acquired: dict[str, Stream] = {}  # streams the engine was asked for
-        self._last: dict[str, Message] = {}  # stream id -> last Message (joiners' snapshot)
+        self._last = LastValues()  # what a worker joining a held stream gets first
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._flush_scheduled = False
         self._server: asyncio.AbstractServer | None = None
         self.messages_in = 0
         self.records_out = 0
-        engine.attach(self._deliver, self._reset, self._reject)
+        engine.attach(self)
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -166,9 +170,9 @@ class LocalHub:
             self._acquired[sid] = stream
             self.engine.acquire(stream)
             return
-        last = self._last.get(sid)
-        if last is not None:
-            link.send(ipc.encode_message(as_snapshot(last)))
+        snapshot = self._last.snapshot(sid)
+        if snapshot is not None:
+            link.send(ipc.encode_message(snapshot))
 
     def release(self, link: _WorkerLink, stream: Stream) -> None:
         """A worker's last client left (after the worker's own linger): release at once."""
@@ -201,19 +205,19 @@ class LocalHub:
         if self._holders.get(sid):
             return
         self._holders.pop(sid, None)
-        self._last.pop(sid, None)
+        self._last.forget(sid)
         stream = self._acquired.pop(sid, None)
         if stream is not None:
             self.engine.release(stream)
 
     # -- from the engine -----------------------------------------------------------------
 
-    def _deliver(self, message: Message) -> None:
+    def deliver(self, message: Message) -> None:
         sid = message.stream_id
         if sid not in self._acquired:
             return
         self.messages_in += 1
-        self._last[sid] = message
+        self._last.put(message)
         holders = self._holders.get(sid)
         if not holders:
             return
@@ -222,16 +226,16 @@ class LocalHub:
             link.send(record)
         self.records_out += len(holders)
 
-    def _reset(self, stream: Stream) -> None:
+    def reset(self, stream: Stream) -> None:
         sid = stream.stream_id
-        self._last.pop(sid, None)
+        self._last.forget(sid)
         record = ipc.encode_text(ipc.RESET, sid)
         for link in self._holders.get(sid, ()):
             link.send(record)
 
-    def _reject(self, stream: Stream, reason: str) -> None:
+    def reject(self, stream: Stream, reason: str) -> None:
         sid = stream.stream_id
-        self._last.pop(sid, None)
+        self._last.forget(sid)
         self._acquired.pop(sid, None)
         timer = self._timers.pop(sid, None)
         if timer is not None:
@@ -265,10 +269,10 @@ class LocalHub:
         return len(self._acquired)
 
     def streams_by_kind(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+        counts = dict.fromkeys(KINDS, 0)
         for sid, stream in self._acquired.items():
             if self._holders.get(sid):
-                counts[stream.kind] = counts.get(stream.kind, 0) + 1
+                counts[stream.kind] += 1
         return counts
 
     def status(self) -> dict[str, Any]:
@@ -321,9 +325,7 @@ class LocalBus:
         self.path = path
         self.worker = worker
         self.on_lost = on_lost
-        self._deliver: DeliverFn | None = None
-        self._reset: ResetFn | None = None
-        self._reject: RejectFn | None = None
+        self._delivery = Delivery()
         self._held: dict[str, Stream] = {}
         self._link: _FeedLink | None = None
         self._stopping = False
@@ -333,8 +335,8 @@ class LocalBus:
         self.first_node = asyncio.Event()
         self.messages_in = 0
 
-    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
-        self._deliver, self._reset, self._reject = deliver, reset, reject
+    def attach(self, handler: Handler) -> None:
+        self._delivery.attach(handler)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -361,11 +363,16 @@ class LocalBus:
             link.transport.close()
 
     def acquire(self, stream: Stream) -> None:
+        if stream.stream_id in self._held:
+            return
         self._held[stream.stream_id] = stream
+        self._delivery.hold(stream.stream_id)
         self._send(ipc.encode_text(ipc.ACQUIRE, stream.arg))
 
     def release(self, stream: Stream) -> None:
         if self._held.pop(stream.stream_id, None) is not None:
+            # the feed may drop the stream's codec: a later acquire can start a new epoch
+            self._delivery.forget(stream.stream_id)
             self._send(ipc.encode_text(ipc.RELEASE, stream.arg))
 
     def report(self, stats: dict[str, Any]) -> None:
@@ -384,6 +391,8 @@ class LocalBus:
             "worker": self.worker,
             "streams_held": len(self._held),
             "messages_in": self.messages_in,
+            "duplicates_dropped": self._delivery.duplicates,
+            "gaps": self._delivery.gaps,
         }
 
     @property
@@ -394,11 +403,11 @@ class LocalBus:
 
     def _on_message(self, body: memoryview) -> None:
         fields = ipc.MessageFields(body)
-        if fields.stream_id not in self._held or self._deliver is None:
+        if fields.stream_id not in self._held:
             return
         self.messages_in += 1
         frame = fields.frame
-        self._deliver(
+        self._delivery.deliver(
             Message(
                 fields.stream_id,
                 fields.seq,
@@ -406,19 +415,20 @@ class LocalBus:
                 fields.ts,
                 ipc.frame_payload(frame),
                 frame,
+                fields.epoch,
             )
         )
 
     def _on_reset(self, body: memoryview) -> None:
         stream = self._held.get(ipc.decode_text(body))
-        if stream is not None and self._reset is not None:
-            self._reset(stream)
+        if stream is not None:
+            self._delivery.reset(stream)
 
     def _on_reject(self, body: memoryview) -> None:
         sid, reason = ipc.decode_json(body)
         stream = self._held.pop(sid, None)
-        if stream is not None and self._reject is not None:
-            self._reject(stream, reason)
+        if stream is not None:
+            self._delivery.reject(stream, reason)
 
     def _on_node(self, body: memoryview) -> None:
         self.node = ipc.decode_json(body)
