@@ -25,11 +25,13 @@ MESSAGE = ord("M")
 RESET = ord("R")  # body: stream id
 REJECT = ord("J")  # body: JSON [stream id, reason]
 NODE = ord("N")  # body: JSON node snapshot (stats of every worker and of the feed)
+SYNCED = ord("Y")  # body: JSON {"token": n, "bus": the feed-side engine's status}
 # worker -> feed
 HELLO = ord("H")  # body: JSON {"worker": id, "pid": pid}
 ACQUIRE = ord("A")  # body: the stream's client arg
 RELEASE = ord("U")  # body: the stream's client arg
 REPORT = ord("T")  # body: JSON stats of the worker
+SYNC = ord("S")  # body: JSON token; answered with SYNCED behind everything sent before it
 
 TYPES = ("update", "snapshot")
 _TYPE_CODES = {name: code for code, name in enumerate(TYPES)}

@@ -347,6 +347,7 @@ class Supervisor:
             "streams_by_kind": self.local.streams_by_kind(),
             "upstream": self.feed.pool.status(),
             "bus": bus,
+            "engine": self.engine.status(),
             "feed": {
                 "streams": self.feed.stream_count,
                 "messages_out": self.feed.messages_out,

@@ -58,6 +58,7 @@ class _WorkerLink(asyncio.Protocol):
             ipc.ACQUIRE: self._on_acquire,
             ipc.RELEASE: self._on_release,
             ipc.REPORT: self._on_report,
+            ipc.SYNC: self._on_sync,
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,6 +115,10 @@ class _WorkerLink(asyncio.Protocol):
     def _on_report(self, body: memoryview) -> None:
         if self.worker is not None:
             self.hub.reports[self.worker] = ipc.decode_json(body)
+
+    def _on_sync(self, body: memoryview) -> None:
+        token = ipc.decode_json(body)
+        self.send(ipc.encode_json(ipc.SYNCED, {"token": token, "bus": self.hub.engine.status()}))
 
 
 class LocalHub:
@@ -297,6 +302,7 @@ class _FeedLink(asyncio.Protocol):
             ipc.RESET: bus._on_reset,
             ipc.REJECT: bus._on_reject,
             ipc.NODE: bus._on_node,
+            ipc.SYNCED: bus._on_synced,
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -333,7 +339,10 @@ class LocalBus:
         self.node: dict[str, Any] | None = None  # the feed's latest node snapshot
         self.node_at = 0.0  # loop time it came
         self.first_node = asyncio.Event()
+        self.feed_bus: dict[str, Any] = {}  # the feed-side engine's status, as of the last sync
         self.messages_in = 0
+        self._syncs: dict[int, asyncio.Future[None]] = {}
+        self._sync_token = 0
 
     def attach(self, handler: Handler) -> None:
         self._delivery.attach(handler)
@@ -375,6 +384,18 @@ class LocalBus:
             self._delivery.forget(stream.stream_id)
             self._send(ipc.encode_text(ipc.RELEASE, stream.arg))
 
+    async def settled(self) -> None:
+        """Return once everything the feed process sent before now has been delivered here
+        (and `feed_bus` is the feed side's engine status as of now)."""
+        self._sync_token += 1
+        token = self._sync_token
+        future = self._syncs[token] = asyncio.get_running_loop().create_future()
+        self._send(ipc.encode_json(ipc.SYNC, token))
+        try:
+            await asyncio.wait_for(future, CONNECT_TIMEOUT)
+        finally:
+            self._syncs.pop(token, None)
+
     def report(self, stats: dict[str, Any]) -> None:
         """This worker's stats, for the node's aggregate."""
         self._send(ipc.encode_json(ipc.REPORT, stats))
@@ -385,14 +406,19 @@ class LocalBus:
             link.transport.write(record)
 
     def status(self) -> dict[str, Any]:
+        """This worker's end. The machine's engine applies the delivery rules first, so a gap
+        is counted there (the worker sees it again, already a snapshot); duplicates are counted
+        where they are dropped, on either side."""
+        feed = self.feed_bus
         return {
             "engine": self.name,
             "healthy": self.linked,
             "worker": self.worker,
             "streams_held": len(self._held),
             "messages_in": self.messages_in,
-            "duplicates_dropped": self._delivery.duplicates,
-            "gaps": self._delivery.gaps,
+            "duplicates_dropped": self._delivery.duplicates + feed.get("duplicates_dropped", 0),
+            "gaps": feed.get("gaps", 0),
+            "feed": feed,
         }
 
     @property
@@ -430,8 +456,16 @@ class LocalBus:
         if stream is not None:
             self._delivery.reject(stream, reason)
 
+    def _on_synced(self, body: memoryview) -> None:
+        answer = ipc.decode_json(body)
+        self.feed_bus = answer["bus"]
+        future = self._syncs.get(answer["token"])
+        if future is not None and not future.done():
+            future.set_result(None)
+
     def _on_node(self, body: memoryview) -> None:
         self.node = ipc.decode_json(body)
+        self.feed_bus = self.node.get("engine", self.feed_bus)
         self.node_at = asyncio.get_running_loop().time()
         self.first_node.set()
 
