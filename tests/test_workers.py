@@ -29,7 +29,12 @@ from websockets.exceptions import ConnectionClosed
 from fastproxy.sim import Simulator
 from tests.conftest import free_port
 from tests.proxyutil import running_sim
-from tests.test_cluster import Client, until, until_async
+from tests.test_cluster import Client, Proxy, until, until_async
+from tests.test_cluster_bus import (  # noqa: F401 (a fixture)
+    PrivateRedis,
+    bus_url,
+    private_redis,
+)
 
 BTC = "mudrex.futures.ticker.BTCUSDT"
 ETH = "mudrex.futures.ticker.ETHUSDT"
@@ -324,3 +329,58 @@ async def test_reconnect_after_close_gets_a_snapshot_on_any_worker() -> None:
                         await ws.close()
         finally:
             await holder.close()
+
+
+def tcp_peer_ports(pid: int) -> set[int]:
+    """Remote ports of the TCP connections process `pid` holds (IPv4, from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    with open(f"/proc/{pid}/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[2].rpartition(":")[2], 16))
+    return ports
+
+
+async def test_with_redis_the_machine_is_one_node_and_one_redis_client(
+    private_redis: PrivateRedis,  # noqa: F811
+) -> None:
+    """A `--workers 2` node and a single-process node in one cluster: one upstream
+    subscription for the cluster, the same bytes everywhere, and the workers never talk to
+    Redis (the supervisor is the machine's one client)."""
+    url = bus_url(private_redis.url, "tw", 3)
+    async with running_sim() as sim, node_of(sim, 2, "--redis-url", url) as node:
+        other = Proxy(sim, url)
+        try:
+            await other.wait_ready()
+            on_workers = await open_clients(node, CLIENTS, "ticker:BTCUSDT")
+            on_other = Client(await connect(other.ws_url, ping_interval=None))
+            await on_other.subscribe("ticker:BTCUSDT")
+            clients = [*on_workers, on_other]
+            try:
+                share = await spread(node, CLIENTS)
+                assert all(share.values()), share
+                await until(lambda: all(len(c.of(BTC)) >= 5 for c in clients), 30, "data")
+                assert sim.subscription_counts().get("tickers.BTCUSDT") == 1
+                frames: dict[tuple[int, str], bytes] = {}
+                for client in clients:
+                    for _, raw, message in client.got:
+                        key = (message["seq"], message["type"])
+                        assert frames.setdefault(key, raw) == raw, key
+                stats = await node.stats()
+                assert stats["bus"]["engine"] == "local+redis"
+                assert stats["bus"]["nodes"] == 2  # the machine and the other node
+                assert private_redis.port in tcp_peer_ports(stats["node"]["pid"])
+                for worker in share:
+                    assert private_redis.port not in tcp_peer_ports(worker)
+            finally:
+                await close_all(clients)
+        finally:
+            other.stop()
