@@ -26,12 +26,16 @@ RESET = ord("R")  # body: stream id
 REJECT = ord("J")  # body: JSON [stream id, reason]
 NODE = ord("N")  # body: JSON node snapshot (stats of every worker and of the feed)
 SYNCED = ord("Y")  # body: JSON {"token": n, "bus": the feed-side engine's status}
+STATUS = ord("F")  # body: JSON [stream id, stale reason or null, since ms] (freshness)
+READY = ord("D")  # body: stream id; every Message of it reaches this worker from here on
+HISTORY = ord("I")  # body: token, found, then (seq, frame) pairs: an answer to HISTORY_ASK
 # worker -> feed
 HELLO = ord("H")  # body: JSON {"worker": id, "pid": pid}
 ACQUIRE = ord("A")  # body: the stream's client arg
 RELEASE = ord("U")  # body: the stream's client arg
 REPORT = ord("T")  # body: JSON stats of the worker
 SYNC = ord("S")  # body: JSON token; answered with SYNCED behind everything sent before it
+HISTORY_ASK = ord("Q")  # body: JSON [token, stream arg, epoch, seq]: what came after seq
 
 TYPES = ("update", "snapshot")
 _TYPE_CODES = {name: code for code, name in enumerate(TYPES)}
@@ -55,6 +59,32 @@ def encode_message(message: Any) -> bytes:
     )
     frame = message.frame
     return _LEN.pack(_MSG.size + len(sid) + len(epoch) + len(frame)) + header + sid + epoch + frame
+
+
+_HIST = struct.Struct("<BIB")  # kind, token, found
+_HIST_ENTRY = struct.Struct("<qI")  # seq, frame length
+
+
+def encode_history(token: int, entries: list[tuple[int, bytes]] | None) -> bytes:
+    """The answer to a history question: the (seq, frame) pairs, or None (cannot bridge)."""
+    parts = [_HIST.pack(HISTORY, token, entries is not None)]
+    for seq, frame in entries or ():
+        parts.append(_HIST_ENTRY.pack(seq, len(frame)))
+        parts.append(frame)
+    return _record(b"".join(parts))
+
+
+def decode_history(body: memoryview) -> tuple[int, list[tuple[int, bytes]] | None]:
+    _, token, found = _HIST.unpack_from(body)
+    if not found:
+        return token, None
+    entries, offset = [], _HIST.size
+    while offset < len(body):
+        seq, length = _HIST_ENTRY.unpack_from(body, offset)
+        offset += _HIST_ENTRY.size
+        entries.append((seq, bytes(body[offset : offset + length])))
+        offset += length
+    return token, entries
 
 
 def encode_text(kind: int, text: str) -> bytes:

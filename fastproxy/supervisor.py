@@ -331,7 +331,7 @@ class Supervisor:
         assert self.feed is not None and self.engine is not None and self.local is not None
         reports = self.local.reports
         bus = {**self.engine.status(), "engine": f"local+{self.engine.name}"}
-        bus["local"] = self.local.status()
+        bus["local"] = self.local.figures()
         return {
             "at": time.time(),
             "started_at": self.started_at,

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,7 @@ class _WorkerLink(asyncio.Protocol):
             ipc.RELEASE: self._on_release,
             ipc.REPORT: self._on_report,
             ipc.SYNC: self._on_sync,
+            ipc.HISTORY_ASK: self._on_history_ask,
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,6 +118,10 @@ class _WorkerLink(asyncio.Protocol):
         if self.worker is not None:
             self.hub.reports[self.worker] = ipc.decode_json(body)
 
+    def _on_history_ask(self, body: memoryview) -> None:
+        token, arg, epoch, seq = ipc.decode_json(body)
+        self.hub.answer_history(self, token, parse_stream_arg(arg), epoch, seq)
+
     def _on_sync(self, body: memoryview) -> None:
         token = ipc.decode_json(body)
         self.send(ipc.encode_json(ipc.SYNCED, {"token": token, "bus": self.hub.engine.status()}))
@@ -125,10 +131,13 @@ class LocalHub:
     """The feed process's end of the local bus: the machine's one hub for the real engine
     (a Handler: the engine delivers to it what the machine's workers hold)."""
 
-    def __init__(self, engine: Bus, path: str, linger: float = 5.0) -> None:
+    def __init__(self, engine: Bus, path: str, linger: float = 5.0, history: Any = None) -> None:
         self.engine = engine
         self.path = path
         self.linger = linger
+        # recent frames of every stream the machine holds, for resumes on any worker (a
+        # fastproxy.history.History); unused when the engine's history is shared (Redis)
+        self.history = None if getattr(engine, "shared_history", False) else history
         self.links: set[_WorkerLink] = set()
         self.dirty: list[_WorkerLink] = []
         self.reports: dict[int, dict[str, Any]] = {}  # worker id -> its latest report
@@ -136,6 +145,9 @@ class LocalHub:
         self._acquired: dict[str, Stream] = {}  # streams the engine was asked for
         self._last = LastValues()  # what a worker joining a held stream gets first
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._stale: dict[str, tuple[str, int]] = {}  # stream id -> (reason, since) if stale
+        self._waiting_ready: dict[str, set[_WorkerLink]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._flush_scheduled = False
         self._server: asyncio.AbstractServer | None = None
         self.messages_in = 0
@@ -152,6 +164,8 @@ class LocalHub:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
         if self._server is not None:
             self._server.close()
         for link in list(self.links):
@@ -174,10 +188,65 @@ class LocalHub:
         if sid not in self._acquired:
             self._acquired[sid] = stream
             self.engine.acquire(stream)
+        else:
+            stale = self._stale.get(sid)
+            if stale is not None:
+                link.send(ipc.encode_json(ipc.STATUS, [sid, *stale]))
+            snapshot = self._last.snapshot(sid)
+            if snapshot is not None:
+                link.send(ipc.encode_message(snapshot))
+        self._tell_ready(link, stream)
+
+    def _engine_ready(self, stream: Stream) -> bool:
+        ready = getattr(self.engine, "ready", None)
+        return True if ready is None else bool(ready(stream))
+
+    def _tell_ready(self, link: _WorkerLink, stream: Stream) -> None:
+        """READY goes to the worker once the engine delivers every Message of the stream
+        here (a follower in a cluster first subscribes its channel)."""
+        sid = stream.stream_id
+        if self._engine_ready(stream):
+            link.send(ipc.encode_text(ipc.READY, sid))
             return
-        snapshot = self._last.snapshot(sid)
-        if snapshot is not None:
-            link.send(ipc.encode_message(snapshot))
+        waiting = self._waiting_ready.setdefault(sid, set())
+        if not waiting:
+            self._spawn(self._await_ready(stream))
+        waiting.add(link)
+
+    async def _await_ready(self, stream: Stream) -> None:
+        sid = stream.stream_id
+        while sid in self._acquired and not self._engine_ready(stream):
+            await asyncio.sleep(0.02)
+        for link in self._waiting_ready.pop(sid, set()):
+            if sid in link.streams:
+                link.send(ipc.encode_text(ipc.READY, sid))
+
+    def answer_history(
+        self, link: _WorkerLink, token: int, stream: Stream, epoch: str, seq: int
+    ) -> None:
+        """A worker's client resumes: what came after `seq`, from the engine's shared history
+        (Redis) or from the rings this process keeps of every stream the machine holds."""
+        self._spawn(self._history(link, token, stream, epoch, seq))
+
+    async def _history(
+        self, link: _WorkerLink, token: int, stream: Stream, epoch: str, seq: int
+    ) -> None:
+        entries: list[tuple[int, bytes]] | None = None
+        try:
+            if getattr(self.engine, "shared_history", False):
+                entries = await self.engine.history_after(stream, epoch, seq)  # type: ignore[attr-defined]
+            elif self.history is not None:
+                frames = self.history.after(stream.stream_id, epoch, seq, time.monotonic())
+                if frames is not None:
+                    entries = [(seq + 1 + i, frame) for i, frame in enumerate(frames)]
+        except Exception:
+            log.exception("history lookup failed", extra={"stream": stream.stream_id})
+        link.send(ipc.encode_history(token, entries))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def release(self, link: _WorkerLink, stream: Stream) -> None:
         """A worker's last client left (after the worker's own linger): release at once."""
@@ -211,6 +280,9 @@ class LocalHub:
             return
         self._holders.pop(sid, None)
         self._last.forget(sid)
+        self._stale.pop(sid, None)
+        if self.history is not None:
+            self.history.forget(sid)
         stream = self._acquired.pop(sid, None)
         if stream is not None:
             self.engine.release(stream)
@@ -223,6 +295,8 @@ class LocalHub:
             return
         self.messages_in += 1
         self._last.put(message)
+        if self.history is not None:
+            self.history.append(sid, message.epoch, message.seq, message.frame, time.monotonic())
         holders = self._holders.get(sid)
         if not holders:
             return
@@ -238,9 +312,23 @@ class LocalHub:
         for link in self._holders.get(sid, ()):
             link.send(record)
 
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        """Freshness: stale for `reason` (None: live again) since `since` (epoch ms)."""
+        sid = stream.stream_id
+        if reason is None:
+            self._stale.pop(sid, None)
+        else:
+            self._stale[sid] = (reason, since)
+        record = ipc.encode_json(ipc.STATUS, [sid, reason, since])
+        for link in self._holders.get(sid, ()):
+            link.send(record)
+
     def reject(self, stream: Stream, reason: str) -> None:
         sid = stream.stream_id
         self._last.forget(sid)
+        self._stale.pop(sid, None)
+        if self.history is not None:
+            self.history.forget(sid)
         self._acquired.pop(sid, None)
         timer = self._timers.pop(sid, None)
         if timer is not None:
@@ -280,7 +368,8 @@ class LocalHub:
                 counts[stream.kind] += 1
         return counts
 
-    def status(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
+        """For /stats (`status` is the Handler's freshness event)."""
         return {
             "workers_linked": len(self.links),
             "streams": len(self._acquired),
@@ -303,6 +392,9 @@ class _FeedLink(asyncio.Protocol):
             ipc.REJECT: bus._on_reject,
             ipc.NODE: bus._on_node,
             ipc.SYNCED: bus._on_synced,
+            ipc.STATUS: bus._on_status,
+            ipc.READY: bus._on_ready,
+            ipc.HISTORY: bus._on_history,
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -324,6 +416,8 @@ class LocalBus:
     """The engine of a worker: interest to the feed process, Messages back from it."""
 
     name = "local"
+    # resume reads the feed process's history, which covers every stream of the machine
+    shared_history = True
 
     def __init__(
         self, path: str, worker: int = 0, on_lost: Callable[[], None] | None = None
@@ -341,8 +435,9 @@ class LocalBus:
         self.first_node = asyncio.Event()
         self.feed_bus: dict[str, Any] = {}  # the feed-side engine's status, as of the last sync
         self.messages_in = 0
-        self._syncs: dict[int, asyncio.Future[None]] = {}
+        self._syncs: dict[int, asyncio.Future[Any]] = {}
         self._sync_token = 0
+        self._ready: set[str] = set()
 
     def attach(self, handler: Handler) -> None:
         self._delivery.attach(handler)
@@ -382,19 +477,42 @@ class LocalBus:
         if self._held.pop(stream.stream_id, None) is not None:
             # the feed may drop the stream's codec: a later acquire can start a new epoch
             self._delivery.forget(stream.stream_id)
+            self._ready.discard(stream.stream_id)
             self._send(ipc.encode_text(ipc.RELEASE, stream.arg))
 
     async def settled(self) -> None:
         """Return once everything the feed process sent before now has been delivered here
         (and `feed_bus` is the feed side's engine status as of now)."""
+        await self._ask(lambda token: ipc.encode_json(ipc.SYNC, token))
+
+    def ready(self, stream: Stream) -> bool:
+        """Every Message of `stream` reaches this worker from here on (the feed said so)."""
+        return stream.stream_id in self._ready
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        """(seq, frame) of the stream's Messages after `seq` in `epoch`, from the history the
+        feed process keeps for the machine, or None when it cannot bridge the gap."""
+        return await self._ask(
+            lambda token: ipc.encode_json(ipc.HISTORY_ASK, [token, stream.arg, epoch, seq])
+        )
+
+    async def _ask(self, record: Callable[[int], bytes]) -> Any:
+        """Send a question to the feed process and wait for its answer (matched by token)."""
         self._sync_token += 1
         token = self._sync_token
         future = self._syncs[token] = asyncio.get_running_loop().create_future()
-        self._send(ipc.encode_json(ipc.SYNC, token))
+        self._send(record(token))
         try:
-            await asyncio.wait_for(future, CONNECT_TIMEOUT)
+            return await asyncio.wait_for(future, CONNECT_TIMEOUT)
         finally:
             self._syncs.pop(token, None)
+
+    def _answer(self, token: int, value: Any) -> None:
+        future = self._syncs.get(token)
+        if future is not None and not future.done():
+            future.set_result(value)
 
     def report(self, stats: dict[str, Any]) -> None:
         """This worker's stats, for the node's aggregate."""
@@ -459,9 +577,21 @@ class LocalBus:
     def _on_synced(self, body: memoryview) -> None:
         answer = ipc.decode_json(body)
         self.feed_bus = answer["bus"]
-        future = self._syncs.get(answer["token"])
-        if future is not None and not future.done():
-            future.set_result(None)
+        self._answer(answer["token"], None)
+
+    def _on_history(self, body: memoryview) -> None:
+        self._answer(*ipc.decode_history(body))
+
+    def _on_ready(self, body: memoryview) -> None:
+        sid = ipc.decode_text(body)
+        if sid in self._held:
+            self._ready.add(sid)
+
+    def _on_status(self, body: memoryview) -> None:
+        sid, reason, since = ipc.decode_json(body)
+        stream = self._held.get(sid)
+        if stream is not None:
+            self._delivery.status(stream, reason, since)  # type: ignore[attr-defined]
 
     def _on_node(self, body: memoryview) -> None:
         self.node = ipc.decode_json(body)
@@ -470,6 +600,9 @@ class LocalBus:
         self.first_node.set()
 
     def _link_lost(self) -> None:
+        for future in self._syncs.values():
+            if not future.done():
+                future.set_exception(ConnectionError("lost the feed process"))
         was_linked, self.linked = self.linked, False
         if was_linked and not self._stopping:
             log.error("lost the feed process", extra={"worker": self.worker})

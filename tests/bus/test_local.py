@@ -60,7 +60,7 @@ async def test_two_workers_one_subscription_the_same_frames(machine: Machine) ->
     (one, one_hub), (two, two_hub) = await machine.worker(), await machine.worker()
     one.acquire(BTC)
     two.acquire(BTC)
-    await until(lambda: machine.local.status()["streams"] == 1, "acquired")
+    await until(lambda: machine.local.figures()["streams"] == 1, "acquired")
     await one.settled()
     await two.settled()
     for _ in range(3):
@@ -109,6 +109,52 @@ async def test_a_lost_worker_leaves_its_streams_lingering(machine: Machine) -> N
     link = bus._link
     assert link is not None and link.transport is not None
     link.transport.abort()  # as if the worker process died
-    await until(lambda: machine.local.status()["lingering"] == 1, "lingering")
+    await until(lambda: machine.local.figures()["lingering"] == 1, "lingering")
     assert BTC.stream_id in machine.feed.owned
     await until(lambda: BTC.stream_id not in machine.feed.owned, "released after the linger")
+
+
+async def test_ready_once_the_feed_delivers_the_stream_here(machine: Machine) -> None:
+    bus, _ = await machine.worker()
+    assert not bus.ready(BTC)
+    bus.acquire(BTC)
+    await bus.settled()
+    assert bus.ready(BTC)
+    bus.release(BTC)
+    assert not bus.ready(BTC)
+
+
+class _Rings:
+    """Stands in for the history rings of the feed process: frames after a seq."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, list[tuple[str, int, bytes]]] = {}
+
+    def append(self, sid: str, epoch: str, seq: int, frame: bytes, now: float) -> None:
+        self.kept.setdefault(sid, []).append((epoch, seq, frame))
+
+    def after(self, sid: str, epoch: str, seq: int, now: float) -> list[bytes] | None:
+        kept = [(e, s, f) for e, s, f in self.kept.get(sid, []) if e == epoch]
+        if not kept or kept[0][1] > seq + 1:
+            return None
+        return [f for _, s, f in kept if s > seq]
+
+    def forget(self, sid: str) -> None:
+        self.kept.pop(sid, None)
+
+
+async def test_history_after_asks_the_feed_process(machine: Machine) -> None:
+    machine.local.history = _Rings()
+    holder, holder_hub = await machine.worker()
+    holder.acquire(BTC)
+    await until(lambda: BTC.stream_id in machine.feed.owned, "owned")
+    await holder.settled()
+    for _ in range(5):
+        machine.feed.tick()
+    await holder.settled()
+    other, _ = await machine.worker()  # holds nothing: the history is the feed's
+    epoch = machine.feed.epochs[BTC.topic]
+    got = await other.history_after(BTC, epoch, 2)
+    frames = {m.seq: m.frame for m in holder_hub.got[BTC.stream_id]}
+    assert got == [(3, frames[3]), (4, frames[4]), (5, frames[5])]
+    assert await other.history_after(BTC, "another-epoch", 2) is None
