@@ -134,12 +134,7 @@ class App:
             "hub": hub,
             "pubsub": hub,  # the same figures under their first name, for existing readers
             "bus": self.bus.status(),
-            "feed": {
-                "streams": self.feed.stream_count,
-                "messages_out": self.feed.messages_out,
-                "codec_errors": self.feed.codec_errors,
-                "codec": IMPLEMENTATION,
-            },
+            "feed": feed_figures(self.feed),
             "catalogue": self.catalogue.status(),
         }
 
@@ -155,6 +150,15 @@ class App:
             await asyncio.wait_for(self.stop(), self.config.shutdown_timeout)
         except TimeoutError:
             log.warning("graceful stop took too long; exiting anyway")
+
+
+def feed_figures(feed: Feed) -> dict[str, Any]:
+    return {
+        "streams": feed.stream_count,
+        "messages_out": feed.messages_out,
+        "codec_errors": feed.codec_errors,
+        "codec": IMPLEMENTATION,
+    }
 
 
 def health_reasons(config: Config, upstream: dict[str, Any], bus: Bus) -> list[str]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastproxy import __version__, ipc, nodestats
-from fastproxy.app import health_reasons
+from fastproxy.app import feed_figures, health_reasons
 from fastproxy.bus import Bus, MemoryBus
 from fastproxy.bus.local import LocalBus, LocalHub
 from fastproxy.codec import IMPLEMENTATION
@@ -348,12 +348,7 @@ class Supervisor:
             "upstream": self.feed.pool.status(),
             "bus": bus,
             "engine": self.engine.status(),
-            "feed": {
-                "streams": self.feed.stream_count,
-                "messages_out": self.feed.messages_out,
-                "codec_errors": self.feed.codec_errors,
-                "codec": IMPLEMENTATION,
-            },
+            "feed": feed_figures(self.feed),
             "health": self._health(),
         }
 
