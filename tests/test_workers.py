@@ -284,6 +284,31 @@ async def test_sigterm_drains_every_worker_with_1001_and_exits_0() -> None:
             await asyncio.to_thread(node.stop)
 
 
+async def test_workers_do_not_outlive_the_supervisor() -> None:
+    """No worker serves without a feed: the supervisor killed, they close with 1001 and exit."""
+    async with running_sim() as sim:
+        node = Node(sim)
+        try:
+            await node.wait_all_ready()
+            clients = await open_clients(node, CLIENTS, "ticker:BTCUSDT")
+            share = await spread(node, CLIENTS)
+            await until(lambda: all(c.of(BTC) for c in clients), 20, "data on every client")
+            node.process.send_signal(signal.SIGKILL)
+            await until(lambda: all(c.task.done() for c in clients), 20, "every client closed")
+            assert [c.ws.close_code for c in clients] == [1001] * CLIENTS
+
+            def gone(pid: int) -> bool:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return True
+                return False
+
+            await until(lambda: all(gone(pid) for pid in share), 20, "workers exited")
+        finally:
+            await asyncio.to_thread(node.stop)
+
+
 async def test_a_worker_that_keeps_dying_stops_the_node_with_status_1() -> None:
     async with running_sim() as sim:
         node = Node(sim)
