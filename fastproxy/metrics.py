@@ -157,6 +157,14 @@ class ProxyCollector(Collector):
             "Malformed upstream frames dropped",
             value=s.get("feed", {}).get("codec_errors", 0),
         )
+        resyncs = CounterMetricFamily(
+            "fastproxy_book_resyncs",
+            "Order books rebuilt from a fresh exchange snapshot, by reason",
+            labels=["reason"],
+        )
+        for reason, count in s.get("feed", {}).get("book_resyncs", {}).items():
+            resyncs.add_metric([reason], count)
+        yield resyncs
         bus = s["bus"]
         yield GaugeMetricFamily(
             "fastproxy_bus_healthy",
@@ -175,6 +183,22 @@ class ProxyCollector(Collector):
                 yield CounterMetricFamily(f"fastproxy_bus_{key}", help_text, value=bus[key])
         if self._latency is not None:
             yield from _histograms(self._latency())
+        if "workers" in s:  # --workers N: the supervisor's view
+            yield from _worker_metrics(s)
+
+
+def _worker_metrics(s: dict[str, Any]) -> Iterator[Any]:
+    node = s["node"]
+    yield GaugeMetricFamily("fastproxy_workers", "Worker processes alive", value=node["alive"])
+    yield CounterMetricFamily(
+        "fastproxy_worker_restarts", "Workers started again after dying", value=node["restarts"]
+    )
+    clients = GaugeMetricFamily(
+        "fastproxy_worker_clients", "Connected clients by worker", labels=["worker"]
+    )
+    for worker in s["workers"]:
+        clients.add_metric([str(worker["id"])], worker["connected"])
+    yield clients
 
 
 def _histograms(latency: dict[str, dict[str, Histogram]]) -> Iterator[HistogramMetricFamily]:
