@@ -53,6 +53,7 @@ class App:
         settings = UpstreamSettings(
             url=ws_url,
             ping_interval=config.upstream_ping_interval,
+            stale_after=config.upstream_stale_after,
             max_topics_per_conn=config.upstream_topics_per_connection,
         )
         self.catalogue = SymbolCatalogue(rest_url or default_rest_url(ws_url))
@@ -120,7 +121,13 @@ class App:
             reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
         if not self.bus.healthy:
             reasons.append("redis unreachable")
-        body: dict[str, Any] = {"upstream": upstream, "bus": bus}
+        assert self.hub is not None
+        stale = self.hub.freshness.stale_ids()
+        if stale:
+            reasons.append(f"{len(stale)} streams stale")
+        body: dict[str, Any] = {"upstream": upstream, "bus": bus, "stale_streams": len(stale)}
+        if stale:
+            body["stale"] = sorted(stale)[:20]
         if reasons:
             body["reason"] = "; ".join(reasons)
         return not reasons, body

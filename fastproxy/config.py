@@ -181,6 +181,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("UPSTREAM_PING_INTERVAL", _seconds(), "20", "seconds between JSON pings to Bybit"),
     Setting(
+        "UPSTREAM_STALE_AFTER",
+        _seconds(0.2),
+        "3",
+        "seconds without any frame from Bybit before a connection's streams are marked stale "
+        "(a quiet connection is pinged after half of it)",
+    ),
+    Setting(
         "UPSTREAM_TOPICS_PER_CONNECTION",
         _int_range(1),
         "200",
@@ -216,6 +223,7 @@ class Config:
     bybit_testnet: bool = False
     bybit_rest_url: str = ""
     upstream_ping_interval: float = 20.0
+    upstream_stale_after: float = 3.0
     upstream_topics_per_connection: int = 200
     shutdown_timeout: float = 10.0
     demo: bool = field(default=False)

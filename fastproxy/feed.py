@@ -31,8 +31,13 @@ class Feed:
         self._deliver: Callable[[Message], None] = _ignore_message
         self._reset: Callable[[Stream], None] = _ignore_stream
         self._reject: Callable[[Stream, str], None] = _ignore_stream
+        self._status: Callable[[Stream, str | None, int], None] = _ignore_stream
         self.pool = UpstreamPool(
-            settings, on_data=self._on_data, on_failed=self._on_failed, on_reset=self._on_reset
+            settings,
+            on_data=self._on_data,
+            on_failed=self._on_failed,
+            on_reset=self._on_reset,
+            on_status=self._on_status,
         )
         self.messages_out = 0
         self.codec_errors = 0
@@ -43,8 +48,10 @@ class Feed:
         deliver: Callable[[Message], None],
         reset: Callable[[Stream], None],
         reject: Callable[[Stream, str], None],
+        status: Callable[[Stream, str | None, int], None] | None = None,
     ) -> None:
         self._deliver, self._reset, self._reject = deliver, reset, reject
+        self._status = status or _ignore_stream
 
     async def start(self) -> None:
         await self.pool.start()
@@ -73,6 +80,15 @@ class Feed:
     def seq(self, stream: Stream) -> int | None:
         codec = self._codecs.get(stream.topic)
         return None if codec is None else codec.seq
+
+    def freshness(self, stream: Stream) -> tuple[str, int] | None:
+        """(reason, since epoch ms) while `stream`'s upstream makes it stale, else None."""
+        return self.pool.stale.get(stream.topic)
+
+    def _on_status(self, topic: str, reason: str | None, since: int) -> None:
+        stream = self._streams.get(topic)
+        if stream is not None:
+            self._status(stream, reason, since)
 
     def _on_data(self, topic: str, frame: dict, generation: int) -> None:
         codec = self._codecs.get(topic)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from fastproxy.bus import Bus
 from fastproxy.codec import Message, as_snapshot, ws_text_frame
+from fastproxy.freshness import FreshnessBoard, status_payload
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import KINDS, Stream
 
@@ -51,10 +52,13 @@ class Hub:
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
+        self.freshness = FreshnessBoard()
+        # Streams back to live: their next Message goes out as a snapshot.
+        self._resnap: set[str] = set()
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
-        bus.attach(self.deliver, self.reset, self.reject)
+        bus.attach(self.deliver, self.reset, self.reject, self.status)
 
     # -- subscriptions -------------------------------------------------------------------
 
@@ -73,6 +77,9 @@ class Hub:
                     timer.cancel()
             subs.add(session)
             session.streams.add(stream)
+            stale = self.freshness.stale(sid)
+            if stale is not None:  # right after the ack, before any data
+                self.send_payload(session, status_payload(sid, *stale))
             snapshot = self.snapshot(sid)
             if snapshot is not None:
                 self.send(session, snapshot.frame)
@@ -111,6 +118,8 @@ class Hub:
         self._streams.pop(sid, None)
         self._last.pop(sid, None)
         self._snapshots.pop(sid, None)
+        self.freshness.forget(sid)
+        self._resnap.discard(sid)
         self.releases += 1
         self._bus.release(stream)
 
@@ -142,7 +151,11 @@ class Hub:
         self._snapshots.pop(sid, None)
         if not subs:
             return
-        frame = message.frame
+        if self._resnap and sid in self._resnap:  # back to live: a fresh snapshot first
+            self._resnap.discard(sid)
+            frame = as_snapshot(message).frame
+        else:
+            frame = message.frame
         dirty = self._dirty
         for session in subs:
             out = session.out
@@ -183,6 +196,26 @@ class Hub:
         self._last.pop(stream.stream_id, None)
         self._snapshots.pop(stream.stream_id, None)
 
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        """The stream went stale for `reason`, or live again (None): tell every local holder
+        (the bus calls this). Back to live, the next Message goes out as a snapshot."""
+        sid = stream.stream_id
+        subs = self._subs.get(sid)
+        if subs is None or not self.freshness.update(sid, reason, since):
+            return
+        if reason is None:
+            self._resnap.add(sid)
+        else:
+            self._resnap.discard(sid)
+        log.info(
+            "stream stale" if reason else "stream live again",
+            extra={"stream": sid, "reason": reason, "since": since, "clients": len(subs)},
+        )
+        if subs:
+            frame = ws_text_frame(status_payload(sid, reason, since))
+            for session in subs:
+                self.send(session, frame)
+
     def reject(self, stream: Stream, reason: str) -> None:
         """The exchange refused the stream: tell every local holder and drop it."""
         sid = stream.stream_id
@@ -190,6 +223,8 @@ class Hub:
         self._streams.pop(sid, None)
         self._last.pop(sid, None)
         self._snapshots.pop(sid, None)
+        self.freshness.forget(sid)
+        self._resnap.discard(sid)
         timer = self._release_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -230,6 +265,7 @@ class Hub:
             "subscriptions": sum(by_kind.values()),
             "subscriptions_by_kind": by_kind,
             "lingering": len(self._release_timers),
+            "stale_streams": len(self.freshness),
             "messages_in": self.messages_in,
             "deliveries": self.deliveries,
             "releases": self.releases,

@@ -62,6 +62,11 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily(
             "fastproxy_streams", "Streams held on this node", value=hub["streams"]
         )
+        yield GaugeMetricFamily(
+            "fastproxy_stale_streams",
+            "Streams held on this node whose data may not be current (clients were told)",
+            value=hub.get("stale_streams", 0),
+        )
         yield CounterMetricFamily(
             "fastproxy_deliveries", "Messages queued to clients", value=hub["deliveries"]
         )

@@ -15,13 +15,17 @@ from fastproxy.streams import Stream
 DeliverFn = Callable[[Message], None]
 ResetFn = Callable[[Stream], None]
 RejectFn = Callable[[Stream, str], None]
+# (stream, reason, since epoch ms): the stream went stale for `reason`, or live when it is None.
+StatusFn = Callable[[Stream, str | None, int], None]
 
 
 class Bus(Protocol):
     name: str
 
-    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
-        """Where Messages for streams this node holds go (the hub)."""
+    def attach(
+        self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn, status: StatusFn | None = None
+    ) -> None:
+        """Where Messages and freshness changes for streams this node holds go (the hub)."""
 
     async def start(self) -> None: ...
 
@@ -41,4 +45,4 @@ class Bus(Protocol):
 
 from fastproxy.bus.memory import MemoryBus  # noqa: E402
 
-__all__ = ["Bus", "DeliverFn", "MemoryBus", "RejectFn", "ResetFn"]
+__all__ = ["Bus", "DeliverFn", "MemoryBus", "RejectFn", "ResetFn", "StatusFn"]

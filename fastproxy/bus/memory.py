@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fastproxy.streams import Stream
 
 if TYPE_CHECKING:
-    from fastproxy.bus import DeliverFn, RejectFn, ResetFn
+    from fastproxy.bus import DeliverFn, RejectFn, ResetFn, StatusFn
     from fastproxy.feed import Feed
 
 
@@ -17,8 +17,10 @@ class MemoryBus:
     def __init__(self, feed: Feed) -> None:
         self._feed = feed
 
-    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
-        self._feed.attach(deliver, reset, reject)
+    def attach(
+        self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn, status: StatusFn | None = None
+    ) -> None:
+        self._feed.attach(deliver, reset, reject, status)
 
     async def start(self) -> None:
         await self._feed.start()

@@ -50,7 +50,7 @@ from fastproxy.config import Config, ConfigError
 from fastproxy.streams import Stream
 
 if TYPE_CHECKING:
-    from fastproxy.bus import DeliverFn, RejectFn, ResetFn
+    from fastproxy.bus import DeliverFn, RejectFn, ResetFn, StatusFn
     from fastproxy.feed import Feed
 
 log = logging.getLogger("fastproxy.bus")
@@ -307,6 +307,7 @@ class RedisBus:
         self._deliver: DeliverFn = _ignore
         self._reset: ResetFn = _ignore
         self._reject: RejectFn = _ignore
+        self._status: StatusFn = _ignore
         self._states: dict[str, _StreamState] = {}
         self._dirty: set[str] = set()  # streams whose interest/lease need a script this pass
         self._fetch: set[str] = set()  # followers whose subscription is confirmed: snapshot
@@ -336,9 +337,14 @@ class RedisBus:
 
     # -- the Bus interface ---------------------------------------------------------------
 
-    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
+    def attach(
+        self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn, status: StatusFn | None = None
+    ) -> None:
         self._deliver, self._reset, self._reject = deliver, reset, reject
-        self._feed.attach(self._on_feed_message, self._on_feed_reset, self._on_feed_reject)
+        self._status = status or _ignore
+        self._feed.attach(
+            self._on_feed_message, self._on_feed_reset, self._on_feed_reject, self._on_feed_status
+        )
 
     async def start(self) -> None:
         await self._feed.start()
@@ -519,6 +525,11 @@ class RedisBus:
         st = self._states.get(stream.stream_id)
         if st is not None and st.role is OWNER and self._healthy:
             self._enqueue(st, ("-", encode_marker(KIND_RESET)))
+
+    def _on_feed_status(self, stream: Stream, reason: str | None, since: int) -> None:
+        st = self._states.get(stream.stream_id)
+        if st is not None and st.held and st.role in (OWNER, LOCAL):
+            self._status(stream, reason, since)
 
     def _on_feed_reject(self, stream: Stream, reason: str) -> None:
         self._reject(stream, reason)
