@@ -13,6 +13,7 @@ from fastproxy.bus import Bus, MemoryBus
 from fastproxy.codec import IMPLEMENTATION
 from fastproxy.config import Config
 from fastproxy.feed import Feed
+from fastproxy.history import History
 from fastproxy.hub import Hub
 from fastproxy.logs import setup_logging
 from fastproxy.metrics import metrics_renderer
@@ -59,7 +60,13 @@ class App:
         self.catalogue = SymbolCatalogue(rest_url or default_rest_url(ws_url))
         self.feed = Feed(settings)
         self.bus = await self._make_bus(self.feed)
-        self.hub = Hub(self.bus, linger=config.unsubscribe_linger)
+        self.hub = Hub(
+            self.bus,
+            linger=config.unsubscribe_linger,
+            history=History(
+                config.history_max_messages, config.history_max_age, config.history_max_bytes
+            ),
+        )
         self.server = ProxyServer(
             config,
             self.hub,

@@ -194,6 +194,24 @@ SETTINGS: tuple[Setting, ...] = (
         "most topics on one Bybit connection",
     ),
     Setting(
+        "HISTORY_MAX_MESSAGES",
+        _int_range(0),
+        "1000",
+        "most recent Messages kept per stream for resumes (0: no history, no resume)",
+    ),
+    Setting(
+        "HISTORY_MAX_AGE",
+        _seconds(allow_zero=True),
+        "30",
+        "seconds a Message is kept for resumes",
+    ),
+    Setting(
+        "HISTORY_MAX_BYTES",
+        _int_range(0),
+        "134217728",
+        "bytes all streams' history may use together; the node's oldest Messages go first",
+    ),
+    Setting(
         "SHUTDOWN_TIMEOUT", _seconds(), "10", "seconds a graceful stop may take before exiting"
     ),
 )
@@ -225,6 +243,9 @@ class Config:
     upstream_ping_interval: float = 20.0
     upstream_stale_after: float = 3.0
     upstream_topics_per_connection: int = 200
+    history_max_messages: int = 1000
+    history_max_age: float = 30.0
+    history_max_bytes: int = 134217728
     shutdown_timeout: float = 10.0
     demo: bool = field(default=False)
 

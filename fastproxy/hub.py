@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
 from fastproxy.codec import Message, as_snapshot, ws_text_frame
 from fastproxy.freshness import FreshnessBoard, status_payload
+from fastproxy.history import History, Position, decide
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import KINDS, Stream
 
@@ -41,8 +43,12 @@ class Hub:
         bus: Bus,
         linger: float = 5.0,
         loop: asyncio.AbstractEventLoop | None = None,
+        history: History | None = None,
     ) -> None:
         self._bus = bus
+        # Recent frames of every held stream (lingering ones too: a client that reconnects
+        # within the linger resumes from here).
+        self.history = History() if history is None else history
         self._linger = linger
         self._loop = loop
         self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers
@@ -62,8 +68,28 @@ class Hub:
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
-        """Add streams to a session; each gets the current snapshot queued at once."""
+    def resume(self, positions: dict[Stream, Position]) -> dict[Stream, list[bytes]]:
+        """Of the streams a client asks to resume, those history can bridge: their frames after
+        the client's seq. Call right before `subscribe` with the result, in the same tick, so
+        that nothing is delivered in between."""
+        now = time.monotonic()
+        replays: dict[Stream, list[bytes]] = {}
+        for stream, position in positions.items():
+            sid = stream.stream_id
+            span = self.history.span(sid) if sid in self._subs else None
+            decision = decide(self.history, sid, position, span[0] if span else None, now)
+            if decision.replay is not None:
+                replays[stream] = decision.replay
+        return replays
+
+    def subscribe(
+        self,
+        session: Subscriber,
+        streams: Iterable[Stream],
+        replays: dict[Stream, list[bytes]] | None = None,
+    ) -> None:
+        """Add streams to a session; each gets the current snapshot queued at once, or, for a
+        stream in `replays` (see `resume`), the Messages it missed."""
         for stream in streams:
             sid = stream.stream_id
             subs = self._subs.get(sid)
@@ -80,6 +106,11 @@ class Hub:
             stale = self.freshness.stale(sid)
             if stale is not None:  # right after the ack, before any data
                 self.send_payload(session, status_payload(sid, *stale))
+            replay = replays.get(stream) if replays else None
+            if replay is not None:
+                for frame in replay:
+                    self.send(session, frame)
+                continue
             snapshot = self.snapshot(sid)
             if snapshot is not None:
                 self.send(session, snapshot.frame)
@@ -120,6 +151,7 @@ class Hub:
         self._snapshots.pop(sid, None)
         self.freshness.forget(sid)
         self._resnap.discard(sid)
+        self.history.forget(sid)
         self.releases += 1
         self._bus.release(stream)
 
@@ -149,13 +181,15 @@ class Hub:
         self.messages_in += 1
         self._last[sid] = message
         self._snapshots.pop(sid, None)
+        frame = message.frame
+        if message.type == "snapshot":  # the codec's own (after an upstream reset): with its epoch
+            frame = self.snapshot(sid).frame  # type: ignore[union-attr]
+        self.history.append(sid, message.epoch, message.seq, frame, time.monotonic())
         if not subs:
             return
         if self._resnap and sid in self._resnap:  # back to live: a fresh snapshot first
             self._resnap.discard(sid)
             frame = as_snapshot(message).frame
-        else:
-            frame = message.frame
         dirty = self._dirty
         for session in subs:
             out = session.out
@@ -225,6 +259,7 @@ class Hub:
         self._snapshots.pop(sid, None)
         self.freshness.forget(sid)
         self._resnap.discard(sid)
+        self.history.forget(sid)
         timer = self._release_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -266,6 +301,7 @@ class Hub:
             "subscriptions_by_kind": by_kind,
             "lingering": len(self._release_timers),
             "stale_streams": len(self.freshness),
+            "history": self.history.stats(),
             "messages_in": self.messages_in,
             "deliveries": self.deliveries,
             "releases": self.releases,

@@ -400,10 +400,13 @@ class ProxyServer:
                     self.config.max_subscriptions_per_client,
                     self.symbol_known,
                     request.req_id,
+                    request.resume,
                 )
-                session.reply(subscribe_reply(plan, request.req_id))  # the ack goes first
+                # decided and applied in this one tick: nothing is delivered in between
+                replays = self.hub.resume(plan.resume) if plan.resume else {}
+                session.reply(subscribe_reply(plan, request.req_id, list(replays)))  # ack first
                 if plan.new_streams:
-                    self.hub.subscribe(session, plan.new_streams)
+                    self.hub.subscribe(session, plan.new_streams, replays)
             else:
                 unplan = plan_unsubscribe(request.args, session.streams)
                 self.hub.unsubscribe(session, unplan.streams)
