@@ -63,12 +63,13 @@ class Feed:
     def stream_count(self) -> int:
         return len(self._streams)
 
-    def add(self, stream: Stream, seq: int = 0) -> None:
-        """Own `stream`: subscribe its topic upstream. `seq` continues a numbering (failover)."""
+    def add(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
+        """Own `stream`: subscribe its topic upstream. `seq` and `epoch` continue a numbering
+        (failover); with no epoch the numbering is a new one."""
         if stream.topic in self._streams:
             return
         self._streams[stream.topic] = stream
-        self._codecs[stream.topic] = new_codec(stream, seq)
+        self._codecs[stream.topic] = new_codec(stream, seq, epoch)
         self.pool.subscribe([stream.topic])
 
     def remove(self, stream: Stream) -> None:

@@ -19,11 +19,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
-from fastproxy.codec import Message, as_snapshot, ws_text_frame
+from fastproxy.codec import Message, ws_text_frame
 from fastproxy.freshness import FreshnessBoard, status_payload
 from fastproxy.history import History, Position, decide
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import KINDS, Stream
+from fastproxy.wire import SNAPSHOT, LastValues, as_snapshot
 
 log = logging.getLogger("fastproxy.hub")
 
@@ -53,8 +54,7 @@ class Hub:
         self._loop = loop
         self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers
         self._streams: dict[str, Stream] = {}  # stream_id -> Stream, for streams held here
-        self._last: dict[str, Message] = {}  # stream_id -> last delivered Message
-        self._snapshots: dict[str, Message] = {}  # stream_id -> as_snapshot(last), built lazily
+        self._values = LastValues()  # the last delivered Message of each stream held here
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
@@ -147,8 +147,7 @@ class Hub:
             return  # someone came back
         self._subs.pop(sid, None)
         self._streams.pop(sid, None)
-        self._last.pop(sid, None)
-        self._snapshots.pop(sid, None)
+        self._values.forget(sid)
         self.freshness.forget(sid)
         self._resnap.discard(sid)
         self.history.forget(sid)
@@ -163,14 +162,7 @@ class Hub:
     # -- delivery ------------------------------------------------------------------------
 
     def snapshot(self, stream_id: str) -> Message | None:
-        snapshot = self._snapshots.get(stream_id)
-        if snapshot is not None:
-            return snapshot
-        last = self._last.get(stream_id)
-        if last is None:
-            return None
-        snapshot = self._snapshots[stream_id] = as_snapshot(last)
-        return snapshot
+        return self._values.snapshot(stream_id)
 
     def deliver(self, message: Message) -> None:
         """Fan a Message out to the local subscribers of its stream (the bus calls this)."""
@@ -179,10 +171,9 @@ class Hub:
         if subs is None:
             return  # not held here (any more)
         self.messages_in += 1
-        self._last[sid] = message
-        self._snapshots.pop(sid, None)
+        self._values.put(message)
         frame = message.frame
-        if message.type == "snapshot":  # the codec's own (after an upstream reset): with its epoch
+        if message.type == SNAPSHOT:  # the codec's own (after an upstream reset): with its epoch
             frame = self.snapshot(sid).frame  # type: ignore[union-attr]
         self.history.append(sid, message.epoch, message.seq, frame, time.monotonic())
         if not subs:
@@ -227,8 +218,7 @@ class Hub:
 
     def reset(self, stream: Stream) -> None:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
-        self._last.pop(stream.stream_id, None)
-        self._snapshots.pop(stream.stream_id, None)
+        self._values.forget(stream.stream_id)
 
     def status(self, stream: Stream, reason: str | None, since: int) -> None:
         """The stream went stale for `reason`, or live again (None): tell every local holder
@@ -255,8 +245,7 @@ class Hub:
         sid = stream.stream_id
         subs = self._subs.pop(sid, None) or set()
         self._streams.pop(sid, None)
-        self._last.pop(sid, None)
-        self._snapshots.pop(sid, None)
+        self._values.forget(sid)
         self.freshness.forget(sid)
         self._resnap.discard(sid)
         self.history.forget(sid)

@@ -36,6 +36,7 @@ from fastproxy.bus.redis import (
 from fastproxy.codec import Message
 from fastproxy.config import Config
 from fastproxy.streams import Stream, parse_stream_arg
+from fastproxy.wire import new_epoch
 from tests.conftest import free_port
 
 BTC = parse_stream_arg("ticker:BTCUSDT")
@@ -50,6 +51,7 @@ class FakeFeed:
 
     def __init__(self) -> None:
         self.seqs: dict[str, int] = {}
+        self.epochs: dict[str, str] = {}
         self.streams: dict[str, Stream] = {}
         self.fresh: set[str] = set()
         self.adds: list[tuple[str, int]] = []
@@ -69,17 +71,19 @@ class FakeFeed:
     def stream_count(self) -> int:
         return len(self.streams)
 
-    def add(self, stream: Stream, seq: int = 0) -> None:
+    def add(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
         if stream.topic in self.streams:
             return
         self.streams[stream.topic] = stream
         self.seqs[stream.topic] = seq
+        self.epochs[stream.topic] = epoch or new_epoch()
         self.fresh.add(stream.topic)
         self.adds.append((stream.stream_id, seq))
 
     def remove(self, stream: Stream) -> None:
         if self.streams.pop(stream.topic, None) is not None:
             self.seqs.pop(stream.topic)
+            self.epochs.pop(stream.topic)
             self.fresh.discard(stream.topic)
             self.removes.append(stream.stream_id)
 
@@ -92,10 +96,10 @@ class FakeFeed:
             self.seqs[topic] = seq
             mtype = "snapshot" if topic in self.fresh else "update"
             self.fresh.discard(topic)
-            self.deliver(make_message(stream, seq, mtype))
+            self.deliver(make_message(stream, seq, mtype, self.epochs[topic]))
 
 
-def make_message(stream: Stream, seq: int, mtype: str = "update") -> Message:
+def make_message(stream: Stream, seq: int, mtype: str = "update", epoch: str = "") -> Message:
     ts = 1_700_000_000_000 + seq
     payload = orjson.dumps(
         {
@@ -107,7 +111,7 @@ def make_message(stream: Stream, seq: int, mtype: str = "update") -> Message:
             "seq": seq,
         }
     )
-    return Message(stream.stream_id, seq, mtype, ts, payload)
+    return Message(stream.stream_id, seq, mtype, ts, payload, None, epoch)
 
 
 class Recorder:
@@ -245,10 +249,10 @@ def test_url_options_are_split_off_and_the_rest_kept() -> None:
 
 
 def test_wire_form_round_trips_without_json() -> None:
-    message = make_message(BTC, 41, "update")
+    message = make_message(BTC, 41, "update", "3f2a9c01d4e5")
     back = decode_message(BTC.stream_id, encode_message(message))
     assert back == message
-    assert back.frame == message.frame
+    assert back.frame == message.frame and back.epoch == "3f2a9c01d4e5"
 
 
 # -- the Lua scripts ------------------------------------------------------------------------
@@ -300,7 +304,7 @@ async def test_interest_counts_stay_exact_under_concurrent_hold_and_leave(
         await asyncio.gather(*(churn(w) for w in range(24)))
         expected = {n.encode() for n, held in holding.items() if held}
         assert await interest_members(clients[0], prefix, BTC) == expected
-        _, _, count = await scripts[0].hold("observer")
+        _, _, count, _ = await scripts[0].hold("observer")
         assert count == len(expected) + 1
     finally:
         for c in clients:
@@ -332,7 +336,7 @@ async def test_dead_node_interest_expires_with_no_cleanup(redis: Redis, prefix: 
     await asyncio.sleep(0.5)
     # nobody removed "dead": its entry simply stopped counting, and its lease lapsed
     assert await interest_members(redis, prefix, BTC) == {b"alive"}
-    owner, _, count = await s.hold("alive", ttl_ms=60_000)
+    owner, _, count, _ = await s.hold("alive", ttl_ms=60_000)
     assert (owner, count) == (b"alive", 1)
 
 
@@ -342,7 +346,7 @@ async def test_lease_is_kept_while_others_hold_and_released_by_the_last(
     s = Scripts(redis, prefix, BTC)
     assert (await s.hold("a"))[0] == b"a"
     assert (await s.hold("b"))[0] == b"a"
-    assert await s.publish("a", "5", b"blob5") == 1
+    assert await s.publish("a", "5", "e1", b"blob5") == 1
     # the owner's clients left, but b still holds the stream: a keeps owning it for b
     assert await s.leave("a") == [b"a", 1]
     assert await redis.get(s.keys[1]) == b"a"
@@ -350,9 +354,9 @@ async def test_lease_is_kept_while_others_hold_and_released_by_the_last(
     assert await s.leave("a") == [b"", 0]
     assert await redis.get(s.keys[1]) is None
     # numbering survives, the stale state does not
-    assert await redis.hgetall(s.keys[2]) == {b"seq": b"5"}
-    owner, seq, _ = await s.hold("c")
-    assert (owner, seq) == (b"c", b"5")
+    assert await redis.hgetall(s.keys[2]) == {b"seq": b"5", b"epoch": b"e1"}
+    owner, seq, _, epoch = await s.hold("c")
+    assert (owner, seq, epoch) == (b"c", b"5", b"e1")
 
 
 async def test_publish_is_fenced_by_the_lease(redis: Redis, prefix: str) -> None:
@@ -360,17 +364,17 @@ async def test_publish_is_fenced_by_the_lease(redis: Redis, prefix: str) -> None
     await s.hold("a")
     pubsub = redis.pubsub()
     await pubsub.subscribe(s.channel)
-    assert await s.publish("a", "1", b"one", "2", b"two", "", b"marker") == 1
-    assert await s.publish("b", "3", b"three") == 0
-    assert await redis.hgetall(s.keys[2]) == {b"seq": b"2", b"msg": b"two"}
+    assert await s.publish("a", "1", "e1", b"one", "2", "e1", b"two", "", "", b"marker") == 1
+    assert await s.publish("b", "3", "e2", b"three") == 0
+    assert await redis.hgetall(s.keys[2]) == {b"seq": b"2", b"epoch": b"e1", b"msg": b"two"}
     got = []
     while len(got) < 3:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
         if message is not None:
             got.append(message["data"])
     assert got == [b"one", b"two", b"marker"]
-    assert await s.publish("a", "4", b"four", "-", b"reset") == 1
-    assert await redis.hgetall(s.keys[2]) == {b"seq": b"4"}
+    assert await s.publish("a", "4", "e1", b"four", "-", "", b"reset") == 1
+    assert await redis.hgetall(s.keys[2]) == {b"seq": b"4", b"epoch": b"e1"}
     await pubsub.aclose()
 
 
@@ -538,6 +542,7 @@ async def test_graceful_stop_hands_over_at_once(redis_url: str, prefix: str) -> 
         await until(lambda: a.bus.role(BTC) == OWNER)
         b.bus.acquire(BTC)
         await until(lambda: len(b.hub.seqs(BTC)) >= 5)
+        epoch = a.feed.epochs[BTC.topic]
         await a.bus.stop()
         a.feed.streams.clear()
         # a 30 s TTL: only the handover marker can make this quick
@@ -546,6 +551,9 @@ async def test_graceful_stop_hands_over_at_once(redis_url: str, prefix: str) -> 
         await until(lambda: len(b.hub.seqs(BTC)) >= count + 10)
         seqs = b.hub.seqs(BTC)
         assert seqs == sorted(set(seqs))
+        # the new owner continued the stored numbering: the same seq line, the same epoch
+        assert b.feed.epochs[BTC.topic] == epoch
+        assert {m.epoch for m in b.hub.got[BTC.stream_id]} == {epoch}
 
 
 async def test_a_node_subscribes_only_to_the_streams_its_clients_hold(

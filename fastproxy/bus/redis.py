@@ -56,9 +56,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastproxy.bus")
 _T = TypeVar("_T")
 
-# Wire form of everything on a channel and of the stored Message: a fixed binary header, then
-# the payload (or a marker's text). Rebuilding a Message needs no JSON parsing.
-_HDR = struct.Struct(">BBqq")  # kind, type, seq, ts
+# Wire form of everything on a channel and of the stored Message: a fixed binary header, the
+# epoch (its length is in the header), then the payload (or a marker's text). Rebuilding a
+# Message needs no JSON parsing.
+_HDR = struct.Struct(">BBqqB")  # kind, type, seq, ts, epoch length
 KIND_MESSAGE = 0
 KIND_RESET = 1  # the owner's upstream state was lost; the next Message is a snapshot
 KIND_REJECT = 2  # the exchange refused the stream; body: the reason
@@ -80,20 +81,24 @@ _PIPELINE_MAX = 2000
 
 def encode_message(message: Message) -> bytes:
     """A Message as the channel carries it and the stored latest state keeps it."""
+    epoch = message.epoch.encode()
     return (
-        _HDR.pack(KIND_MESSAGE, _TYPE_CODES[message.type], message.seq, message.ts)
+        _HDR.pack(KIND_MESSAGE, _TYPE_CODES[message.type], message.seq, message.ts, len(epoch))
+        + epoch
         + message.payload
     )
 
 
 def decode_message(stream_id: str, data: bytes) -> Message:
-    _, code, seq, ts = _HDR.unpack_from(data)
-    payload = data[_HDR.size :]
-    return Message(stream_id, seq, _TYPES[code], ts, payload, ws_text_frame(payload))
+    _, code, seq, ts, n = _HDR.unpack_from(data)
+    start = _HDR.size + n
+    payload = data[start:]
+    epoch = data[_HDR.size : start].decode()
+    return Message(stream_id, seq, _TYPES[code], ts, payload, ws_text_frame(payload), epoch)
 
 
 def encode_marker(kind: int, text: str = "") -> bytes:
-    return _HDR.pack(kind, 0, 0, 0) + text.encode()
+    return _HDR.pack(kind, 0, 0, 0, 0) + text.encode()
 
 
 @dataclass(frozen=True)
@@ -524,7 +529,7 @@ class RedisBus:
         self._reset(stream)
         st = self._states.get(stream.stream_id)
         if st is not None and st.role is OWNER and self._healthy:
-            self._enqueue(st, ("-", encode_marker(KIND_RESET)))
+            self._enqueue(st, ("-", "", encode_marker(KIND_RESET)))
 
     def _on_feed_status(self, stream: Stream, reason: str | None, since: int) -> None:
         st = self._states.get(stream.stream_id)
@@ -595,20 +600,22 @@ class RedisBus:
             self._feed.add(st.stream, st.last_seq or 0)
         st.role = LOCAL
 
-    def _become_owner(self, st: _StreamState, stored_seq: int) -> None:
+    def _become_owner(self, st: _StreamState, stored_seq: int, stored_epoch: str) -> None:
         # Continue the numbering past anything published or delivered: dedupe by seq must
-        # never swallow the new owner's Messages on any node.
+        # never swallow the new owner's Messages on any node. Continuing the stored line
+        # exactly keeps its epoch too; going past it starts a new one.
         base = max(stored_seq, st.last_seq or 0)
+        epoch = stored_epoch if stored_epoch and base == stored_seq else None
         if st.role is LOCAL:
             current = self._feed.seq(st.stream)
             if current is None:
-                self._feed.add(st.stream, base)
+                self._feed.add(st.stream, base, epoch)
             elif current < stored_seq:
                 # our degraded-mode line is behind what the cluster saw: restart it past that
                 self._feed.remove(st.stream)
-                self._feed.add(st.stream, base)
+                self._feed.add(st.stream, base, epoch)
         elif st.role is not OWNER:
-            self._feed.add(st.stream, base)
+            self._feed.add(st.stream, base, epoch)
         st.role = OWNER
         st.buffer = None
         self.leases_won += 1
@@ -619,10 +626,12 @@ class RedisBus:
         self._feed.remove(st.stream)
         st.role = NONE
 
-    def _apply_hold(self, st: _StreamState, owner: bytes, stored_seq: int) -> None:
+    def _apply_hold(
+        self, st: _StreamState, owner: bytes, stored_seq: int, stored_epoch: str
+    ) -> None:
         if owner == self._node:
             if st.role is not OWNER:
-                self._become_owner(st, stored_seq)
+                self._become_owner(st, stored_seq, stored_epoch)
             return
         if st.role is OWNER or st.role is LOCAL:
             self._lose_ownership(st)
@@ -790,8 +799,8 @@ class RedisBus:
                 continue
             assert st is not None
             if kind == "hold":
-                owner, seq, _count = result
-                self._apply_hold(st, owner, int(seq))
+                owner, seq, _count, epoch = result
+                self._apply_hold(st, owner, int(seq), epoch.decode())
             elif kind == "leave":
                 self._apply_leave(st, result[0])
             else:
@@ -896,7 +905,7 @@ class RedisBus:
             args: list[Any] = [self._node, command, st.channel, keep]
             for item in items:
                 if isinstance(item, Message):
-                    args += (str(item.seq), encode_message(item))
+                    args += (str(item.seq), item.epoch, encode_message(item))
                 else:
                     args += item
             _evalsha(pipe, lua.PUBLISH, [st.k_lease, st.k_last], args)
