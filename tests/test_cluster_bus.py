@@ -58,8 +58,8 @@ class FakeFeed:
         self.removes: list[str] = []
         self.deliver: Callable[[Message], None] = lambda m: None
 
-    def attach(self, deliver: Any, reset: Any, reject: Any) -> None:
-        self.deliver, self.reset, self.reject = deliver, reset, reject
+    def attach(self, deliver: Any, reset: Any, reject: Any, status: Any = None) -> None:
+        self.deliver, self.reset, self.reject, self.status = deliver, reset, reject, status
 
     async def start(self) -> None:
         return None

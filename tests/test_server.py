@@ -56,12 +56,15 @@ async def test_ack_comes_before_data_and_first_message_is_a_full_snapshot() -> N
             "req_id": 9,
         }
         first = await recv_data(ws, TICKER)
-        assert list(first) == ["stream", "type", "data", "timestamp", "source", "seq"]
+        # a snapshot names its epoch last (clients resume with it); updates do not carry it
+        assert list(first) == ["stream", "type", "data", "timestamp", "source", "seq", "epoch"]
+        assert isinstance(first["epoch"], str) and first["epoch"]
         assert first["type"] == "snapshot" and first["source"] == "mudrex"
         assert list(first["data"]) == TICKER_KEYS
         assert set(first["data"]["bid"]) == {"price", "size"}
         update = await recv_data(ws, TICKER)
         assert update["type"] == "update" and update["seq"] == first["seq"] + 1
+        assert list(update) == ["stream", "type", "data", "timestamp", "source", "seq"]
         assert list(update["data"]) == TICKER_KEYS  # every update is the complete ticker
         kline = await recv_data(ws, "mudrex.futures.kline.1h.BTCUSDT", timeout=20)
         assert kline["data"]["interval"] == "1h"
