@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from tests.proxyutil import client, recv, running_proxy, running_sim, send
+from tests.proxyutil import client, recv, running_proxy, running_sim, send, ws_url
 
 TRADE = "mudrex.futures.trade.BTCUSDT"
 ARG = "trade:BTCUSDT"
@@ -139,3 +140,32 @@ async def test_a_stale_epoch_or_a_too_old_seq_gets_a_snapshot_with_the_current_e
                 assert first["type"] == "snapshot" and first["epoch"] == epoch
                 following = await recv(ws)
                 assert following["seq"] == first["seq"] + 1
+
+
+async def test_the_readme_client_example_resumes_across_a_cut() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = next(b for b in readme.split("```python")[1:] if "async def follow" in b)
+    code = code.split("```")[0].replace('asyncio.run(follow("ws://127.0.0.1:8000/ws", print))', "")
+    example: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), example)
+    got: list[dict[str, Any]] = []
+    async with running_sim(**FAST_TRADES) as sim, running_proxy(sim, unsubscribe_linger=5) as app:
+        task = asyncio.create_task(example["follow"](ws_url(app), got.append))
+        try:
+            await until(lambda: len(got) >= 20)
+            for session in list(app.server.sessions):  # the network drops every client
+                session.transport.disconnect(graceful=False)
+            cut_at = len(got)
+            await until(lambda: len(got) >= cut_at + 60)
+        finally:
+            task.cancel()
+    seqs = [m["seq"] for m in got]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # nothing lost, nothing twice
+    assert [m["type"] for m in got].count("snapshot") == 1  # resumed, not restarted
+
+
+async def until(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
