@@ -1,37 +1,45 @@
 """The feed: upstream topics in, Messages out. It owns the upstream pool and one codec per
-stream, and is the only place a Message is made (so `seq` is assigned exactly once).
+stream, and is the only place a Message is made (so `seq` is assigned exactly once). Its output
+goes to one Handler (fastproxy.bus): the bus engine that decided which topics it serves.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastproxy.codec import CodecError, Message, new_codec
 from fastproxy.streams import Stream, StreamError, stream_for_topic
 from fastproxy.upstream import UpstreamPool, UpstreamSettings
 
+if TYPE_CHECKING:
+    from fastproxy.bus import Handler
+
 log = logging.getLogger("fastproxy.feed")
 
 
-def _ignore_message(message: Message) -> None:
-    return None
+class _Unattached:
+    """Where output goes before a bus attaches: nowhere (nothing is subscribed yet)."""
 
+    def deliver(self, message: Message) -> None:
+        return None
 
-def _ignore_stream(stream: Stream, *rest: Any) -> None:
-    return None
+    def reset(self, stream: Stream) -> None:
+        return None
+
+    def reject(self, stream: Stream, reason: str) -> None:
+        return None
+
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        return None
 
 
 class Feed:
     def __init__(self, settings: UpstreamSettings) -> None:
         self._codecs: dict[str, Any] = {}  # topic -> codec
         self._streams: dict[str, Stream] = {}  # topic -> stream
-        self._deliver: Callable[[Message], None] = _ignore_message
-        self._reset: Callable[[Stream], None] = _ignore_stream
-        self._reject: Callable[[Stream, str], None] = _ignore_stream
-        self._status: Callable[[Stream, str | None, int], None] = _ignore_stream
+        self._handler: Handler = _Unattached()
         self.pool = UpstreamPool(
             settings,
             on_data=self._on_data,
@@ -43,15 +51,8 @@ class Feed:
         self.codec_errors = 0
         self._last_error_log = 0.0
 
-    def attach(
-        self,
-        deliver: Callable[[Message], None],
-        reset: Callable[[Stream], None],
-        reject: Callable[[Stream, str], None],
-        status: Callable[[Stream, str | None, int], None] | None = None,
-    ) -> None:
-        self._deliver, self._reset, self._reject = deliver, reset, reject
-        self._status = status or _ignore_stream
+    def attach(self, handler: Handler) -> None:
+        self._handler = handler
 
     async def start(self) -> None:
         await self.pool.start()
@@ -89,7 +90,7 @@ class Feed:
     def _on_status(self, topic: str, reason: str | None, since: int) -> None:
         stream = self._streams.get(topic)
         if stream is not None:
-            self._status(stream, reason, since)
+            self._handler.status(stream, reason, since)
 
     def _on_data(self, topic: str, frame: dict, generation: int) -> None:
         codec = self._codecs.get(topic)
@@ -107,7 +108,7 @@ class Feed:
                     extra={"topic": topic, "error": str(exc), "codec_errors": self.codec_errors},
                 )
             return
-        deliver = self._deliver
+        deliver = self._handler.deliver
         for message in messages:
             deliver(message)
         self.messages_out += len(messages)
@@ -116,7 +117,7 @@ class Feed:
         codec = self._codecs.get(topic)
         if codec is not None:
             codec.reset()
-            self._reset(self._streams[topic])
+            self._handler.reset(self._streams[topic])
 
     def _on_failed(self, topic: str, reason: str) -> None:
         stream = self._streams.pop(topic, None)
@@ -127,4 +128,4 @@ class Feed:
             except StreamError:
                 return
         log.warning("upstream refused topic", extra={"topic": topic, "reason": reason})
-        self._reject(stream, reason)
+        self._handler.reject(stream, reason)

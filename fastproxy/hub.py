@@ -64,7 +64,6 @@ class Hub:
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
-        bus.attach(self.deliver, self.reset, self.reject, self.status)
 
     # -- subscriptions -------------------------------------------------------------------
 
@@ -272,9 +271,6 @@ class Hub:
 
     def holds(self, stream: Stream) -> bool:
         return stream.stream_id in self._subs
-
-    def subscriber_count(self, stream: Stream) -> int:
-        return len(self._subs.get(stream.stream_id, ()))
 
     def stats(self) -> dict[str, Any]:
         by_kind = dict.fromkeys(KINDS, 0)

@@ -19,24 +19,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import orjson
 import pytest
 from redis.asyncio import Redis
 
-from fastproxy.bus import lua
-from fastproxy.bus.redis import (
-    FOLLOWER,
-    LOCAL,
-    OWNER,
-    RedisBus,
-    decode_message,
-    encode_message,
-    parse_redis_url,
-)
-from fastproxy.codec import Message
+from fastproxy.bus.redis import lua
+from fastproxy.bus.redis.codec import decode_message, encode_message
+from fastproxy.bus.redis.options import parse_redis_url
+from fastproxy.bus.redis.shell import FOLLOWER, LOCAL, OWNER, RedisBus
 from fastproxy.config import Config
 from fastproxy.streams import Stream, parse_stream_arg
-from fastproxy.wire import new_epoch
+from tests.bus.fakes import FakeFeed, Recorder, make_message
 from tests.conftest import free_port
 
 BTC = parse_stream_arg("ticker:BTCUSDT")
@@ -46,102 +38,13 @@ ETH = parse_stream_arg("ticker:ETHUSDT")
 # -- fakes --------------------------------------------------------------------------------
 
 
-class FakeFeed:
-    """Stands in for the upstream feed: `tick()` emits one Message per owned stream."""
-
-    def __init__(self) -> None:
-        self.seqs: dict[str, int] = {}
-        self.epochs: dict[str, str] = {}
-        self.streams: dict[str, Stream] = {}
-        self.fresh: set[str] = set()
-        self.adds: list[tuple[str, int]] = []
-        self.removes: list[str] = []
-        self.deliver: Callable[[Message], None] = lambda m: None
-
-    def attach(self, deliver: Any, reset: Any, reject: Any, status: Any = None) -> None:
-        self.deliver, self.reset, self.reject, self.status = deliver, reset, reject, status
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    @property
-    def stream_count(self) -> int:
-        return len(self.streams)
-
-    def add(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
-        if stream.topic in self.streams:
-            return
-        self.streams[stream.topic] = stream
-        self.seqs[stream.topic] = seq
-        self.epochs[stream.topic] = epoch or new_epoch()
-        self.fresh.add(stream.topic)
-        self.adds.append((stream.stream_id, seq))
-
-    def remove(self, stream: Stream) -> None:
-        if self.streams.pop(stream.topic, None) is not None:
-            self.seqs.pop(stream.topic)
-            self.epochs.pop(stream.topic)
-            self.fresh.discard(stream.topic)
-            self.removes.append(stream.stream_id)
-
-    def seq(self, stream: Stream) -> int | None:
-        return self.seqs.get(stream.topic)
-
-    def tick(self) -> None:
-        for topic, stream in list(self.streams.items()):
-            seq = self.seqs[topic] + 1
-            self.seqs[topic] = seq
-            mtype = "snapshot" if topic in self.fresh else "update"
-            self.fresh.discard(topic)
-            self.deliver(make_message(stream, seq, mtype, self.epochs[topic]))
-
-
-def make_message(stream: Stream, seq: int, mtype: str = "update", epoch: str = "") -> Message:
-    ts = 1_700_000_000_000 + seq
-    payload = orjson.dumps(
-        {
-            "stream": stream.stream_id,
-            "type": mtype,
-            "data": {"n": seq},
-            "timestamp": ts,
-            "source": "mudrex",
-            "seq": seq,
-        }
-    )
-    return Message(stream.stream_id, seq, mtype, ts, payload, None, epoch)
-
-
-class Recorder:
-    """Stands in for the hub: what was delivered, per stream."""
-
-    def __init__(self) -> None:
-        self.got: dict[str, list[Message]] = {}
-        self.resets: list[str] = []
-        self.rejects: list[tuple[str, str]] = []
-
-    def deliver(self, message: Message) -> None:
-        self.got.setdefault(message.stream_id, []).append(message)
-
-    def reset(self, stream: Stream) -> None:
-        self.resets.append(stream.stream_id)
-
-    def reject(self, stream: Stream, reason: str) -> None:
-        self.rejects.append((stream.stream_id, reason))
-
-    def seqs(self, stream: Stream) -> list[int]:
-        return [m.seq for m in self.got.get(stream.stream_id, [])]
-
-
 class Node:
     def __init__(self, url: str, max_connections: int = 10, name: str = "") -> None:
         self.feed = FakeFeed()
         self.hub = Recorder()
         config = Config(redis_url=url, redis_max_connections=max_connections)
         self.bus = RedisBus(self.feed, config, node_id=name or None)  # type: ignore[arg-type]
-        self.bus.attach(self.hub.deliver, self.hub.reset, self.hub.reject)
+        self.bus.attach(self.hub)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -636,11 +539,11 @@ async def test_owner_reset_and_rejection_reach_every_holder(
         await until(lambda: a.bus.role(BTC) == OWNER)
         b.bus.acquire(BTC)
         await until(lambda: len(b.hub.seqs(BTC)) >= 5)
-        a.feed.reset(BTC)  # the owner's upstream connection was re-established
+        a.feed.handler.reset(BTC)  # the owner's upstream connection was re-established
         await until(lambda: b.hub.resets == [BTC.stream_id], what="reset relayed")
         # the exchange refuses the topic: the real feed drops it, then reports it
         a.feed.remove(BTC)
-        a.feed.reject(BTC, "topic unknown")
+        a.feed.handler.reject(BTC, "topic unknown")
         await until(lambda: b.hub.rejects == [(BTC.stream_id, "topic unknown")])
         assert a.hub.rejects == [(BTC.stream_id, "topic unknown")]
         await until(lambda: not a.bus._states and not b.bus._states, what="stream forgotten")
