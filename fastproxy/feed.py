@@ -83,6 +83,13 @@ class Feed:
         codec = self._codecs.get(stream.topic)
         return None if codec is None else codec.seq
 
+    def is_live(self, stream: Stream) -> bool:
+        return (
+            stream.topic in self._streams
+            and self.pool.topic_state(stream.topic) == "live"
+            and stream.topic not in self.pool.stale
+        )
+
     def freshness(self, stream: Stream) -> tuple[str, int] | None:
         """(reason, since epoch ms) while `stream`'s upstream makes it stale, else None."""
         return self.pool.stale.get(stream.topic)

@@ -56,14 +56,14 @@ async def subscribe_resuming(ws: Any, epoch: str, seq: int) -> dict[str, Any]:
     return await recv(ws)
 
 
-async def cut_and_resume(app_for_resume: Any, app_for_witness: Any, cut: float = 2.0) -> None:
-    """A client reads, is cut for `cut` seconds, resumes on `app_for_resume`; compare it with
-    a witness on `app_for_witness` that never left."""
-    async with client(app_for_witness) as witness_ws:
+async def cut_and_resume(left: Any, back: Any, cut: float = 2.0) -> None:
+    """A client reads on `left`, is cut for `cut` seconds and resumes on `back`; compare it
+    with a witness on `back` that never left (in a cluster, `back` holds the stream)."""
+    async with client(back) as witness_ws:
         await send(witness_ws, {"op": "subscribe", "args": [ARG]})
         assert (await recv(witness_ws))["success"] is True
         witness = Reader(witness_ws)
-        ws = await client(app_for_witness).__aenter__()
+        ws = await client(left).__aenter__()
         await send(ws, {"op": "subscribe", "args": [ARG]})
         await recv(ws)
         before = Reader(ws)
@@ -74,7 +74,7 @@ async def cut_and_resume(app_for_resume: Any, app_for_witness: Any, cut: float =
         await before.task
         last = before.messages[-1]["seq"]
         await asyncio.sleep(cut)
-        async with client(app_for_resume) as again:
+        async with client(back) as again:
             started = time.monotonic()
             ack = await subscribe_resuming(again, snapshot["epoch"], last)
             assert ack["success"] is True and ack["resumed"] == [ARG]

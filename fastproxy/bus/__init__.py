@@ -63,6 +63,9 @@ class Source(Protocol):
     def seq(self, stream: Stream) -> int | None:
         """The last seq made for `stream`, None when it is not subscribed."""
 
+    def is_live(self, stream: Stream) -> bool:
+        """The exchange confirmed `stream`'s topic and its connection is not stale."""
+
 
 class Callbacks:
     """A Handler made of four functions (an engine's inputs from the feed)."""

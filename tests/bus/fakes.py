@@ -56,6 +56,9 @@ class FakeFeed:
     def seq(self, stream: Stream) -> int | None:
         return self.seqs.get(stream.topic)
 
+    def is_live(self, stream: Stream) -> bool:
+        return stream.topic in self.streams
+
     @property
     def owned(self) -> set[str]:
         return {stream.stream_id for stream in self.streams.values()}

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,14 +46,23 @@ from fastproxy.bus import Callbacks
 from fastproxy.bus.delivery import Delivery
 from fastproxy.bus.redis import lua
 from fastproxy.bus.redis.codec import (
+    KIND_BEAT,
     KIND_HANDOVER,
     KIND_MESSAGE,
     KIND_REJECT,
     KIND_RESET,
+    KIND_STATUS,
     decode_message,
     encode_marker,
     encode_message,
     marker_text,
+)
+from fastproxy.bus.redis.liveness import (
+    CHECK_EVERY,
+    REASON_OWNER_SILENT,
+    OwnerWatch,
+    parse_status,
+    status_text,
 )
 from fastproxy.bus.redis.options import parse_redis_url, with_host, without_db
 from fastproxy.codec import Message
@@ -247,6 +257,7 @@ class RedisBus:
                 self._on_feed_status,
             )
         )
+        self._watch = OwnerWatch()  # is each followed stream's owner still publishing?
         self._states: dict[str, _StreamState] = {}
         self._dirty: set[str] = set()  # streams whose interest/lease need a script this pass
         self._fetch: set[str] = set()  # followers whose subscription is confirmed: snapshot
@@ -287,6 +298,7 @@ class RedisBus:
         self._tasks = [
             asyncio.create_task(self._control(), name="redis-bus-control"),
             asyncio.create_task(self._publisher(), name="redis-bus-publisher"),
+            asyncio.create_task(self._liveness(), name="redis-bus-liveness"),
         ]
 
     async def stop(self) -> None:
@@ -397,14 +409,19 @@ class RedisBus:
         if st is None:
             return
         role = st.role
+        if self._watch.silent_count and self._watch.heard(st.sid, time.monotonic()):
+            self._delivery.status(st.stream, None, _wall_ms())  # a new owner publishes: live
         if role is OWNER:
             if self._delivery.deliver(message) and self._healthy:
                 self._enqueue(st, message)
+                self._watch.published(st.sid, time.monotonic())
         elif role is LOCAL:
             self._delivery.deliver(message)
 
     def _on_channel_data(self, st: _StreamState, data: bytes) -> None:
         kind = data[0]
+        if st.role is FOLLOWER and self._watch.heard(st.sid, time.monotonic()):
+            self._delivery.status(st.stream, None, _wall_ms())  # the owner speaks again
         if kind == KIND_MESSAGE:
             if st.role is not FOLLOWER:
                 return
@@ -424,6 +441,10 @@ class RedisBus:
                 self._rejected(st, marker_text(data))
         elif kind == KIND_HANDOVER and st.held:
             self._mark(st)  # the lease is free: stand for election now
+        elif kind == KIND_STATUS and st.role is FOLLOWER:
+            report = parse_status(marker_text(data))
+            if report is not None:
+                self._delivery.status(st.stream, *report)
 
     def _enqueue(self, st: _StreamState, item: Any) -> None:
         queue = self._queue
@@ -441,8 +462,12 @@ class RedisBus:
 
     def _on_feed_status(self, stream: Stream, reason: str | None, since: int) -> None:
         st = self._states.get(stream.stream_id)
-        if st is not None and st.held and st.role in (OWNER, LOCAL):
-            self._delivery.status(stream, reason, since)
+        if st is None or st.role not in (OWNER, LOCAL):
+            return
+        self._delivery.status(stream, reason, since)
+        if st.role is OWNER and self._healthy:  # the followers' clients are told too
+            self._enqueue(st, ("", "", encode_marker(KIND_STATUS, status_text(reason, since))))
+            self._watch.published(st.sid, time.monotonic())
 
     def _on_feed_reject(self, stream: Stream, reason: str) -> None:
         self._delivery.reject(stream, reason)
@@ -502,6 +527,40 @@ class RedisBus:
     def _forget(self, st: _StreamState) -> None:
         del self._states[st.sid]
         self._delivery.forget(st.sid)
+        self._watch.forget(st.sid)
+
+    async def _liveness(self) -> None:
+        """Owners beat on quiet streams; followers that hear nothing from an owner tell their
+        clients the stream is stale (fastproxy.bus.redis.liveness)."""
+        watch = self._watch
+        beat = encode_marker(KIND_BEAT)
+        while not self._stopping:
+            await asyncio.sleep(CHECK_EVERY)
+            now = time.monotonic()
+            owned = []
+            for sid, st in self._states.items():
+                if st.role is OWNER:
+                    owned.append(sid)
+                    watch.unfollow(sid)
+                elif st.role is FOLLOWER and st.held and st.buffer is None and not st.confirms:
+                    watch.follow(sid, now)
+                else:
+                    watch.unfollow(sid)
+            if self._healthy:
+                for sid in watch.beats_due(owned, now):
+                    self._enqueue(self._states[sid], ("", "", beat))
+            for sid in owned:
+                # taken over from a silent owner: live once our own upstream has it, even if
+                # the stream is too quiet to publish anything yet
+                st = self._states[sid]
+                if watch.is_silent(sid) and self._feed.is_live(st.stream):
+                    watch.heard(sid, now)
+                    self._delivery.status(st.stream, None, _wall_ms())
+            for sid, since in watch.due(now):
+                st = self._states.get(sid)
+                if st is not None and st.held:
+                    log.warning("stream owner silent", extra={"stream": sid})
+                    self._delivery.status(st.stream, REASON_OWNER_SILENT, _wall_ms(since))
 
     def _mark(self, st: _StreamState) -> None:
         self._dirty.add(st.sid)
@@ -986,6 +1045,14 @@ def _evalsha(pipe: Any, script: lua.Script, keys: list[str], args: list[Any]) ->
     # cannot reload scripts on NOSCRIPT), but routes EVALSHA by its keys; NOSCRIPT is handled
     # here (the scripts are reloaded and the work redone)
     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _wall_ms(monotonic: float | None = None) -> int:
+    """Epoch ms now, or of an earlier monotonic time."""
+    now = time.time()
+    if monotonic is not None:
+        now -= time.monotonic() - monotonic
+    return int(now * 1000)
 
 
 async def _within(seconds: float, awaitable: Awaitable[_T]) -> _T:
