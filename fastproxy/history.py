@@ -19,7 +19,6 @@ what Python really allocates against this accounting).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Per kept frame, beyond its length: bytes header (33), ring slots (2 x 8), arrival time
@@ -219,5 +218,23 @@ def decide(
     return ResumeDecision(history.after(stream_id, position.epoch, position.seq, now))
 
 
-def resumed_args(decisions: Iterable[tuple[str, ResumeDecision]]) -> list[str]:
-    return [arg for arg, decision in decisions if decision.resumed]
+def splice(
+    history: History,
+    stream_id: str,
+    position: Position,
+    shared: list[tuple[int, bytes]] | None,
+    now: float,
+) -> list[bytes] | None:
+    """A replay from shared history (the cluster's, fetched while live Messages kept arriving
+    here) joined to this node's own: shared frames for seq+1..M, then this node's frames after
+    M, so the client gets every Message once, and live ones follow. None when the two do not
+    meet in one epoch (or the shared history cannot bridge): the client gets a snapshot."""
+    if shared is None:
+        return None
+    if shared and shared[0][0] != position.seq + 1:
+        return None
+    last = shared[-1][0] if shared else position.seq
+    local = history.after(stream_id, position.epoch, last, now)
+    if local is None:
+        return None
+    return [frame for _, frame in shared] + local

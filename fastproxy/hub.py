@@ -81,6 +81,21 @@ class Hub:
                 replays[stream] = decision.replay
         return replays
 
+    def hold(self, streams: Iterable[Stream], for_seconds: float = 10.0) -> None:
+        """Acquire streams with no subscriber yet, so that their Messages (and history) flow
+        here while a resume is being prepared; released as usual if nobody subscribes."""
+        loop = self._loop or asyncio.get_running_loop()
+        for stream in streams:
+            sid = stream.stream_id
+            if sid in self._subs:
+                continue
+            self._subs[sid] = set()
+            self._streams[sid] = stream
+            self._bus.acquire(stream)
+            self._release_timers[sid] = loop.call_later(
+                max(self._linger, for_seconds), self._release, stream
+            )
+
     def subscribe(
         self,
         session: Subscriber,
@@ -268,6 +283,15 @@ class Hub:
         )
 
     # -- introspection -------------------------------------------------------------------
+
+    @property
+    def bus(self) -> Bus:
+        return self._bus
+
+    def last_kept(self, stream: Stream) -> tuple[str, int] | None:
+        """(epoch, seq) of the newest Message this node's history has for the stream."""
+        span = self.history.span(stream.stream_id)
+        return None if span is None else (span[0], span[2])
 
     def holds(self, stream: Stream) -> bool:
         return stream.stream_id in self._subs

@@ -8,7 +8,14 @@ import tracemalloc
 import orjson
 import pytest
 
-from fastproxy.history import ENTRY_OVERHEAD, RING_OVERHEAD, History, Position, decide
+from fastproxy.history import (
+    ENTRY_OVERHEAD,
+    RING_OVERHEAD,
+    History,
+    Position,
+    decide,
+    splice,
+)
 from fastproxy.protocol import (
     INVALID_ARGS,
     RequestError,
@@ -142,6 +149,35 @@ def test_decide_resumes_only_a_current_epoch_with_everything_kept() -> None:
     assert not decide(history, S, Position("e1", 2), "e1", 1.0).resumed  # too old a seq
     assert not decide(history, S, Position("e1", 7), None, 1.0).resumed  # stream unknown here
     assert not decide(history, S, None, "e1", 1.0).resumed  # no resume entry
+
+
+def test_splice_joins_shared_history_to_what_arrived_here_meanwhile() -> None:
+    # the client had seq 3; the cluster's history answered 4..9; meanwhile this node received
+    # 7..12 live (the fetch and the live Messages interleaved): 4..12, each once
+    local = History()
+    for seq in range(7, 13):
+        local.append(S, "e1", seq, frame(seq), now=1.0)
+    shared = [(seq, frame(seq)) for seq in range(4, 10)]
+    assert splice(local, S, Position("e1", 3), shared, 1.0) == [frame(s) for s in range(4, 13)]
+    # the fetch ended before anything arrived here: shared, then local from there on
+    assert splice(local, S, Position("e1", 3), [(s, frame(s)) for s in range(4, 7)], 1.0) == [
+        frame(s) for s in range(4, 13)
+    ]
+    # up to date already: only what arrived here after it
+    assert splice(local, S, Position("e1", 8), [], 1.0) == [frame(s) for s in range(9, 13)]
+
+
+def test_splice_refuses_what_does_not_meet() -> None:
+    local = History()
+    for seq in range(7, 13):
+        local.append(S, "e1", seq, frame(seq), now=1.0)
+    assert splice(local, S, Position("e1", 3), None, 1.0) is None  # shared cannot bridge
+    assert splice(local, S, Position("e1", 3), [(4, frame(4)), (5, frame(5))], 1.0) is None
+    assert splice(local, S, Position("e1", 3), [(5, frame(5))], 1.0) is None  # not from 4
+    assert splice(local, S, Position("e0", 3), [(4, frame(4))], 1.0) is None  # other epoch
+    behind = History()
+    behind.append(S, "e1", 3, frame(3), now=1.0)
+    assert splice(behind, S, Position("e1", 3), [(4, frame(4))], 1.0) is None  # not here yet
 
 
 # -- the protocol ---------------------------------------------------------------------------

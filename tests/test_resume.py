@@ -56,10 +56,11 @@ async def subscribe_resuming(ws: Any, epoch: str, seq: int) -> dict[str, Any]:
     return await recv(ws)
 
 
-async def cut_and_resume(left: Any, back: Any, cut: float = 2.0) -> None:
+async def cut_and_resume(left: Any, back: Any, cut: float = 2.0, witness_on: Any = None) -> None:
     """A client reads on `left`, is cut for `cut` seconds and resumes on `back`; compare it
-    with a witness on `back` that never left (in a cluster, `back` holds the stream)."""
-    async with client(back) as witness_ws:
+    with a witness that never left, on `witness_on` (default `back`, which then holds the
+    stream; on `left`, `back` holds nothing and the resume reads the cluster's history)."""
+    async with client(witness_on or back) as witness_ws:
         await send(witness_ws, {"op": "subscribe", "args": [ARG]})
         assert (await recv(witness_ws))["success"] is True
         witness = Reader(witness_ws)

@@ -113,3 +113,16 @@ async def test_client_cut_for_2s_resumes_on_another_node(
     async with running_sim(**FAST_TRADES) as sim, proxies(sim, shared_url(), 2) as nodes:
         # cut from node 0, resumes on node 1 (where the witness holds the stream)
         await cut_and_resume(nodes[0], nodes[1])
+
+
+async def test_client_cut_for_2s_resumes_on_a_node_that_did_not_hold_the_stream(
+    shared_url: Callable[..., str],  # noqa: F811
+) -> None:
+    async with running_sim(**FAST_TRADES) as sim, proxies(sim, shared_url(), 2) as nodes:
+        # node 1 has never seen the stream: the replay comes from the history in Redis, while
+        # live Messages keep arriving there during the fetch, and the two are joined
+        try:
+            await cut_and_resume(nodes[0], nodes[1], witness_on=nodes[0])
+        except AssertionError:
+            print(f"--- node :{nodes[1].port} log ---\n{nodes[1].tail(40)}")
+            raise

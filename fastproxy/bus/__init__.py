@@ -105,6 +105,18 @@ class Bus(Protocol):
     def release(self, stream: Stream) -> None:
         """No client of this node holds `stream` any more."""
 
+    # True when `history_after` reads history shared by the cluster (resume on any node)
+    shared_history: bool
+
+    def ready(self, stream: Stream) -> bool:
+        """This node receives every Message of `stream` from here on."""
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        """(seq, frame) of the stream's Messages after `seq` in `epoch` from shared history,
+        or None when it cannot bridge the gap (or the engine keeps none)."""
+
     def status(self) -> dict[str, Any]:
         """For /stats and /health: at least `engine` and `healthy`."""
 

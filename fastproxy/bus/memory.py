@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 class MemoryBus:
     name = "memory"
+    # one node: the hub's own history is all the history there is
+    shared_history = False
 
     def __init__(self, feed: Source) -> None:
         self._feed = feed
@@ -37,6 +39,14 @@ class MemoryBus:
         # the feed drops the stream's codec: a later acquire starts a new numbering (epoch)
         self._delivery.forget(stream.stream_id)
         self._feed.remove(stream)
+
+    def ready(self, stream: Stream) -> bool:
+        return True
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        return None
 
     def status(self) -> dict[str, Any]:
         return {

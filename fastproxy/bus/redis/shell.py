@@ -96,6 +96,7 @@ class _StreamState:
         "confirms",
         "force",
         "held",
+        "k_hist",
         "k_interest",
         "k_last",
         "k_lease",
@@ -114,6 +115,7 @@ class _StreamState:
         self.k_interest = f"{tag}:interest"
         self.k_lease = f"{tag}:lease"
         self.k_last = f"{tag}:last"
+        self.k_hist = f"{tag}:hist"
         self.channel = f"{tag}:ch".encode()
         self.held = False  # local clients hold it
         self.role = NONE
@@ -231,6 +233,8 @@ class RedisBus:
     """The Bus on Redis. See the module docstring for the design."""
 
     name = "redis"
+    # the owner writes each stream's history to Redis with the publish: any node can resume
+    shared_history = True
 
     def __init__(self, feed: Source, config: Config, *, node_id: str | None = None) -> None:
         self._feed = feed
@@ -238,6 +242,9 @@ class RedisBus:
         self.ttl = self.options.ttl
         self.prefix = self.options.prefix
         self.max_connections = config.redis_max_connections
+        # resumes on any node read the history the owner writes with each publish
+        self.history_max_messages = config.history_max_messages
+        self.history_max_age = config.history_max_age
         # Interest is renewed three times per TTL; a lease lasts two renewal periods, so one
         # missed heartbeat does not lose it, and a dead owner is replaced within one TTL: the
         # lease lapses (2/3 TTL) and an interested node's next heartbeat (1/3 TTL) takes it.
@@ -397,6 +404,43 @@ class RedisBus:
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    def ready(self, stream: Stream) -> bool:
+        """This node receives every Message of `stream` from here on (its own feed's, or the
+        channel's with the stored state served): what a resume from history needs."""
+        st = self._states.get(stream.stream_id)
+        if st is None or not self._healthy:
+            return False
+        if st.role is FOLLOWER:  # subscribed, confirmed, and the stored state served
+            return st.sub is not None and st.buffer is None and not st.confirms
+        return st.role is OWNER
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        """(seq, frame) of every Message the stream published after `seq` in `epoch`, from the
+        history the owner writes with each publish; None when it cannot bridge the gap (another
+        epoch, Messages after `seq` already trimmed or too old, Redis unreachable)."""
+        if not self._healthy or self._client is None or self.history_max_messages <= 0:
+            return None
+        tag = f"{self.prefix}:{{{stream.stream_id}}}"
+        async with self._sem:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hmget(f"{tag}:last", "epoch", "seq")
+            pipe.xrange(f"{tag}:hist", f"0-{seq + 1}", "+", count=self.history_max_messages + 1)
+            (kept_epoch, kept_seq), entries = await _within(self.op_timeout, pipe.execute())
+        if kept_epoch is None or kept_epoch.decode() != epoch:
+            return None
+        if not entries:
+            return [] if kept_seq is not None and int(kept_seq) == seq else None
+        horizon = (time.time() - self.history_max_age) * 1000
+        out = []
+        for entry_id, fields in entries:
+            n = int(entry_id.split(b"-", 1)[1])
+            if n != seq + 1 + len(out) or int(fields[b"t"]) < horizon:
+                return None  # trimmed, or past its age
+            out.append((n, decode_message(stream.stream_id, fields[b"m"]).frame))
+        return out
 
     def role(self, stream: Stream) -> str:
         st = self._states.get(stream.stream_id)
@@ -875,14 +919,17 @@ class RedisBus:
             group[1].append(item)
         pipe = self._client.pipeline(transaction=False)
         command, keep = self._pub_command, str(_KEEP_LAST_MS)
+        kept = self.history_max_messages if self.history_max_age > 0 else 0
+        hist = (str(kept), self._ms(self.history_max_age))
+        now = str(int(time.time() * 1000))
         for st, items in groups.values():
-            args: list[Any] = [self._node, command, st.channel, keep]
+            args: list[Any] = [self._node, command, st.channel, keep, *hist, now]
             for item in items:
                 if isinstance(item, Message):
                     args += (str(item.seq), item.epoch, encode_message(item))
                 else:
                     args += item
-            _evalsha(pipe, lua.PUBLISH, [st.k_lease, st.k_last], args)
+            _evalsha(pipe, lua.PUBLISH, [st.k_lease, st.k_last, st.k_hist], args)
         results = await self._execute(pipe)
         reload = False
         for (st, items), result in zip(groups.values(), results, strict=True):
