@@ -11,19 +11,20 @@ only consecutive seqs of one epoch: a jump or a new epoch starts it again, so a 
 span a hole.
 
 Memory: each kept Message costs its frame's bytes plus `ENTRY_OVERHEAD` (the bytes object's
-header, two ring slots, its arrival time and its place in the node-wide age order), and each
+header, its ring slot, its arrival time), and each
 stream with history `RING_OVERHEAD`; all of it is counted against `max_bytes` (the tests measure
 what Python really allocates against this accounting).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass
 
-# Per kept frame, beyond its length: bytes header (33), ring slots (2 x 8), arrival time
-# (a float, 24), its slot in the node-wide order (8), and the deques' block slack (measured).
-ENTRY_OVERHEAD = 104
+# Per kept frame, beyond its length: the bytes object's header (33), its ring slot (8), its
+# arrival time (a float, 24, and its slot, 8), and the deques' block slack (measured).
+ENTRY_OVERHEAD = 96
 # Per stream with history: the ring, its two deques (a first block each) and its dict entry.
 RING_OVERHEAD = 2304
 
@@ -33,9 +34,12 @@ DEFAULT_MAX_MESSAGES = 1000
 DEFAULT_MAX_AGE = 30.0
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
 
+_TRIM_EVERY = 0.25  # seconds between age trims on append
+_TRIM_TO = 0.9  # over the byte cap, the oldest go until this share of it is left
+
 
 class _Ring:
-    __slots__ = ("dead", "epoch", "first_seq", "frames", "sid", "times")
+    __slots__ = ("epoch", "first_seq", "frames", "sid", "times")
 
     def __init__(self, sid: str, epoch: str) -> None:
         self.sid = sid
@@ -43,9 +47,6 @@ class _Ring:
         self.first_seq = 0  # seq of frames[0]
         self.frames: deque[bytes] = deque()
         self.times: deque[float] = deque()
-        # References to this ring in the node-wide order whose frame was already removed
-        # (by the per-stream count, a restart of the ring, or the stream's release).
-        self.dead = 0
 
     @property
     def last_seq(self) -> int:
@@ -68,70 +69,74 @@ class History:
         self.max_bytes = max_bytes
         self.enabled = max_messages > 0 and max_age > 0 and max_bytes > 0
         self._rings: dict[str, _Ring] = {}
-        self._order: deque[_Ring] = deque()  # one reference per frame ever kept, oldest first
         self.bytes = 0
-        self.messages = 0
         self.evicted = 0
+        self._next_trim = 0.0
 
     # -- writing -------------------------------------------------------------------------
 
     def append(self, stream_id: str, epoch: str, seq: int, frame: bytes, now: float) -> None:
-        """Keep the frame of a delivered Message (`now`: monotonic seconds)."""
+        """Keep the frame of a delivered Message (`now`: monotonic seconds). Once per Message
+        on the hot path: the usual case is two appends and a few compares."""
         if not self.enabled:
             return
         ring = self._rings.get(stream_id)
         if ring is None:
             ring = self._rings[stream_id] = _Ring(stream_id, epoch)
             self.bytes += RING_OVERHEAD
-        elif ring.epoch != epoch or (ring.frames and seq != ring.last_seq + 1):
-            if ring.frames and ring.epoch == epoch and seq <= ring.last_seq:
+        frames = ring.frames
+        n = len(frames)
+        if n and (seq != ring.first_seq + n or ring.epoch != epoch):
+            if ring.epoch == epoch and seq < ring.first_seq + n:
                 return  # already kept (a duplicate delivery)
             self._clear(ring)
-            ring.epoch = epoch
-        if not ring.frames:
+            n = 0
+        if not n:
             ring.first_seq = seq
-        ring.frames.append(frame)
+            ring.epoch = epoch
+        frames.append(frame)
         ring.times.append(now)
-        self._order.append(ring)
         self.bytes += len(frame) + ENTRY_OVERHEAD
-        self.messages += 1
-        if len(ring.frames) > self.max_messages:
+        if n >= self.max_messages:
             self._pop_oldest(ring)
-            ring.dead += 1
-        self.trim(now)
+        if self.bytes > self.max_bytes or now >= self._next_trim:
+            self.trim(now)
 
     def trim(self, now: float) -> None:
-        """Drop what is past the age or byte bound (called on append and periodically)."""
-        order = self._order
+        """Drop what is past its age (checked a few times a second on append, and by `after`
+        at every read) and, over the byte cap, the node's oldest Messages, down to 90% of it."""
+        self._next_trim = now + _TRIM_EVERY
         horizon = now - self.max_age
-        while order:
-            ring = order[0]
-            if ring.dead:
-                order.popleft()
-                ring.dead -= 1
-                self.bytes -= _REF
-                continue
-            if ring.times[0] >= horizon and self.bytes <= self.max_bytes:
-                return
-            order.popleft()
-            self.bytes -= _REF
+        for ring in list(self._rings.values()):
+            times = ring.times
+            while times and times[0] < horizon:
+                self._pop_oldest(ring)
+                self.evicted += 1
+            if not times:
+                self._drop_ring(ring)
+        if self.bytes <= self.max_bytes:
+            return
+        target = self.max_bytes * _TRIM_TO
+        heap = [(r.times[0], i, r) for i, r in enumerate(self._rings.values())]
+        heapq.heapify(heap)
+        while heap and self.bytes > target:
+            _, i, ring = heapq.heappop(heap)
             self._pop_oldest(ring)
             self.evicted += 1
-            if not ring.frames:
+            if ring.times:
+                heapq.heappush(heap, (ring.times[0], i, ring))
+            else:
                 self._drop_ring(ring)
 
     def _pop_oldest(self, ring: _Ring) -> None:
         frame = ring.frames.popleft()
         ring.times.popleft()
         ring.first_seq += 1
-        # the reference in the node-wide order stays until trim() reaches it: its 8 bytes too
-        self.bytes -= len(frame) + ENTRY_OVERHEAD - _REF
-        self.messages -= 1
+        self.bytes -= len(frame) + ENTRY_OVERHEAD
 
     def _clear(self, ring: _Ring) -> None:
         while ring.frames:
             self._pop_oldest(ring)
-            ring.dead += 1
 
     def forget(self, stream_id: str) -> None:
         """The stream is released here: its history can never continue."""
@@ -144,6 +149,10 @@ class History:
         if self._rings.get(ring.sid) is ring:
             del self._rings[ring.sid]
             self.bytes -= RING_OVERHEAD
+
+    @property
+    def messages(self) -> int:
+        return sum(len(r.frames) for r in self._rings.values())
 
     # -- reading -------------------------------------------------------------------------
 
@@ -179,9 +188,6 @@ class History:
             "max_age": self.max_age,
             "evicted": self.evicted,
         }
-
-
-_REF = 8  # one reference in the node-wide order
 
 
 @dataclass(frozen=True, slots=True)
