@@ -232,7 +232,7 @@ async def test_simulator_frozen_with_sigstop_stale_within_bound_then_live_and_sn
             assert stale_at - stopped < BOUND
             assert status == 503 and health["status"] == "degraded"
             assert health["stale_streams"] == 1 and "1 streams stale" in health["reason"]
-            assert stats["pubsub"]["stale_streams"] == 1
+            assert stats["hub"]["stale_streams"] == 1
             assert "fastproxy_stale_streams 1.0" in metrics
             stale = rec.statuses()[0][1]
             assert stale["stream"] == TICKER and "nothing received" in stale["reason"]
@@ -241,7 +241,7 @@ async def test_simulator_frozen_with_sigstop_stale_within_bound_then_live_and_sn
             assert wall_stop * 1000 - 1500 <= stale["since"] <= wall_stop * 1000 + 500
             check_recovery_sequence(rec.after(stale_at), TICKER)
             assert (await http_json(app, "/health"))[0] == 200
-            assert (await http_json(app, "/stats"))[1]["pubsub"]["stale_streams"] == 0
+            assert (await http_json(app, "/stats"))[1]["hub"]["stale_streams"] == 0
     finally:
         with contextlib.suppress(ProcessLookupError):
             sim.send_signal(signal.SIGCONT)

@@ -81,8 +81,8 @@ async def test_owner_upstream_silence_reaches_the_followers_clients(
 ) -> None:
     async with (
         running_sim() as sim,
-        proxies(sim, shared_url(), 2) as nodes,
-        clients(nodes, 1) as everyone,
+        proxies(sim, shared_url(), 3) as nodes,
+        clients(nodes[:2], 1) as everyone,
     ):
         for c in everyone:
             await c.subscribe("ticker:BTCUSDT")
@@ -101,10 +101,21 @@ async def test_owner_upstream_silence_reaches_the_followers_clients(
             )
             assert first_status(c, BTC, "stale", 0) - frozen_at < BOUND
             assert "nothing received" in c.statuses[0][1]["reason"]
-        sim.set_half_dead(False)
-        await until(
-            lambda: all(first_status(c, BTC, "live", frozen_at) for c in everyone), 60, "live"
-        )
+        # a node that did not hold the stream learns it is stale from what the owner stored
+        joiner = await Client.open(nodes[2])
+        try:
+            await joiner.subscribe("ticker:BTCUSDT")
+            await until(lambda: joiner.statuses, 15, "the joiner's status")
+            assert joiner.statuses[0][1]["state"] == "stale"
+            assert joiner.statuses[0][1]["since"] == everyone[0].statuses[0][1]["since"]
+            sim.set_half_dead(False)
+            await until(
+                lambda: all(first_status(c, BTC, "live", frozen_at) for c in [*everyone, joiner]),
+                60,
+                "live",
+            )
+        finally:
+            await joiner.close()
 
 
 async def test_client_cut_for_2s_resumes_on_another_node(

@@ -10,8 +10,8 @@ Keys (P is the bus prefix, S the stream id):
 - `P:{S}:interest`  ZSET node id -> expiry (ms, server time); live count = members not expired.
 - `P:{S}:lease`     string node id, PX lease time: the one node subscribed upstream.
 - `P:{S}:last`      HASH seq -> last published seq, epoch -> its epoch, msg -> last published
-                    Message (wire form). seq and epoch outlive msg, so a later owner continues
-                    the numbering.
+                    Message (wire form), status -> the owner's last freshness marker. seq and
+                    epoch outlive msg, so a later owner continues the numbering.
 - `P:{S}:hist`      STREAM of the last published Messages of the current epoch, for resumes on
                     any node: entry id `0-<seq>`, fields t (publish time, ms) and m (wire
                     form); capped at HISTORY_MAX_MESSAGES, written by PUBLISH with the publish
@@ -101,7 +101,8 @@ return {'', n}
 # The owner publishes a batch of one stream's Messages, fenced by the lease: a node that lost
 # its lease (a stall, an outage) cannot publish or overwrite the stored state any more.
 # Triples (seq, epoch, blob): seq '' is a control marker (published only), '-' a reset marker
-# (published, and the stored Message dropped: the owner's upstream state is gone). Returns 1,
+# (published, and the stored Message dropped: the owner's upstream state is gone), '!' a
+# freshness marker (published, and stored as `status` for nodes that join later). Returns 1,
 # or 0 if the lease is someone else's. Each Message also goes into the history stream, in the
 # same script, so what a resume reads is exactly what was published.
 # KEYS: lease, last, hist. ARGV: node, publish command, channel, keep ms, history length (0:
@@ -119,6 +120,8 @@ for i = 8, #ARGV, 3 do
   if ARGV[i] == '-' then
     redis.call('HDEL', KEYS[2], 'msg')
     blob = nil
+  elseif ARGV[i] == '!' then
+    redis.call('HSET', KEYS[2], 'status', ARGV[i + 2])
   elseif ARGV[i] ~= '' then
     seq = ARGV[i]
     epoch = ARGV[i + 1]

@@ -510,7 +510,7 @@ class RedisBus:
             return
         self._delivery.status(stream, reason, since)
         if st.role is OWNER and self._healthy:  # the followers' clients are told too
-            self._enqueue(st, ("", "", encode_marker(KIND_STATUS, status_text(reason, since))))
+            self._enqueue(st, ("!", "", encode_marker(KIND_STATUS, status_text(reason, since))))
             self._watch.published(st.sid, time.monotonic())
 
     def _on_feed_reject(self, stream: Stream, reason: str) -> None:
@@ -636,6 +636,9 @@ class RedisBus:
         st.role = OWNER
         st.buffer = None
         self.leases_won += 1
+        if self._healthy:  # whatever freshness the last owner stored is not ours
+            marker = encode_marker(KIND_STATUS, status_text(None, _wall_ms()))
+            self._enqueue(st, ("!", "", marker))
 
     def _lose_ownership(self, st: _StreamState) -> None:
         if st.role is OWNER:
@@ -675,20 +678,24 @@ class RedisBus:
                 self._feed.remove(st.stream)
                 st.role = NONE
 
-    def _apply_fetch(self, st: _StreamState, blob: bytes | None) -> None:
+    def _apply_fetch(self, st: _StreamState, stored: list[bytes | None]) -> None:
         if st.role is not FOLLOWER or st.buffer is None or st.confirms:
             return
+        blob, status = stored
         buffered, st.buffer = st.buffer, None
         delivery = self._delivery
+        report = parse_status(marker_text(status)) if status else None
+        if report is not None and report[0] is not None:  # the owner's upstream is stale now
+            delivery.status(st.stream, *report)
         if st.rebase:
             st.rebase = False
             delivery.rebase(st.sid)
         if blob:
-            stored = decode_message(st.sid, blob)
+            kept = decode_message(st.sid, blob)
             last = delivery.last_seq(st.sid)
-            if last is None or stored.seq > last:
+            if last is None or kept.seq > last:
                 delivery.resync(st.sid)
-                delivery.deliver(stored)
+                delivery.deliver(kept)
         for message in buffered:
             delivery.deliver(message)
 
@@ -785,7 +792,7 @@ class RedisBus:
         for kind, st, spec in calls:
             if kind == "fetch":
                 assert st is not None
-                pipe.hget(st.k_last, "msg")
+                pipe.hmget(st.k_last, "msg", "status")
             else:
                 script, keys, args = spec
                 _evalsha(pipe, script, keys, args)
