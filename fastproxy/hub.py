@@ -8,21 +8,90 @@ The hub also keeps, per stream, the last Message it delivered: a new subscriber'
 that Message marked `"type":"snapshot"` (every Message carries the stream's complete current
 state: the merged ticker, the current candle, the latest trades), so a late joiner gets seq N and
 the next live Message is N+1, with no gap and no duplicate on any node.
+
+A client that cannot keep up (its transport says so: over the soft mark, or anything left
+unwritten while it is behind) leaves the shared path for a Backlog of its own: each state stream
+holds one place there, filled when the client drains with the stream's newest message (a delta
+stream's fresh snapshot, when updates were skipped); events and replies keep their order and are
+never dropped. Only those clients cost anything per message; the others keep the shared frames.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
 from fastproxy.codec import Message, as_snapshot, ws_text_frame
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
-from fastproxy.streams import KINDS, Stream
+from fastproxy.streams import DELTA_KINDS, KINDS, STATE_KINDS, Stream
 
 log = logging.getLogger("fastproxy.hub")
+
+
+# A client that fell behind goes back to the shared path once its transport has held nothing
+# unwritten for this long.
+CATCH_UP_AFTER = 1.0
+
+
+class Backlog:
+    """What waits for one client that cannot keep up. Sans-I/O.
+
+    Places in arrival order: a state stream holds one (its stream id, filled at drain time with
+    the stream's newest state); every other frame (events, replies, snapshots) a place of its own.
+    """
+
+    __slots__ = ("_next", "event_bytes", "first_event_at", "places", "skipped")
+
+    def __init__(self) -> None:
+        self.places: dict[str | int, bytes | None] = {}
+        self.skipped: set[str] = set()  # state streams whose older messages were replaced
+        self.first_event_at: float | None = None  # when the oldest waiting event arrived
+        self.event_bytes = 0
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    def add_state(self, stream_id: str) -> bool:
+        """A new message of a state stream; True when it replaced one still waiting."""
+        if stream_id in self.places:
+            self.skipped.add(stream_id)
+            return True
+        self.places[stream_id] = None
+        return False
+
+    def add_frame(self, frame: bytes, event_at: float | None = None) -> None:
+        """A frame that must be delivered, in order (an event when `event_at` is given)."""
+        self._next += 1
+        self.places[self._next] = frame
+        if event_at is not None:
+            self.event_bytes += len(frame)
+            if self.first_event_at is None:
+                self.first_event_at = event_at
+
+    def forget(self, stream_id: str) -> None:
+        self.places.pop(stream_id, None)
+        self.skipped.discard(stream_id)
+
+    def take(self, current: Callable[[str, bool], bytes | None]) -> list[bytes]:
+        """Everything waiting, oldest first; `current(stream_id, skipped)` fills a state place."""
+        frames: list[bytes] = []
+        skipped = self.skipped
+        for key, frame in self.places.items():
+            if frame is None:
+                frame = current(key, key in skipped)  # type: ignore[arg-type]
+                if frame is None:
+                    continue  # the stream was reset or left meanwhile
+            frames.append(frame)
+        self.places.clear()
+        skipped.clear()
+        self.first_event_at = None
+        self.event_bytes = 0
+        return frames
 
 
 class Subscriber(Protocol):
@@ -30,8 +99,14 @@ class Subscriber(Protocol):
 
     out: list[bytes]  # frames due for this client, flushed once per tick
     streams: set[Stream]
+    backlog: Backlog | None  # set while the client is behind (the hub's, not the session's)
+    paused: bool  # the transport holds unwritten bytes: wait for it to drain
+    resumed_at: float  # when the transport last finished writing what it held
 
     def flush(self) -> None: ...
+
+    def caught_up(self) -> None:
+        """The client is back on the shared path."""
 
 
 class Hub:
@@ -44,7 +119,10 @@ class Hub:
         self._bus = bus
         self._linger = linger
         self._loop = loop
-        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers
+        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> subscribers keeping up
+        self._behind: dict[str, set[Subscriber]] = {}  # stream_id -> subscribers with a Backlog
+        self._behind_sessions: set[Subscriber] = set()
+        self._drain_due: list[Subscriber] = []
         self._streams: dict[str, Stream] = {}  # stream_id -> Stream, for streams held here
         self._last: dict[str, Message] = {}  # stream_id -> last delivered Message
         self._snapshots: dict[str, Message] = {}  # stream_id -> as_snapshot(last), built lazily
@@ -54,6 +132,7 @@ class Hub:
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
+        self.conflated = 0  # state messages replaced by a newer one for a client behind
         bus.attach(self.deliver, self.reset, self.reject)
 
     # -- subscriptions -------------------------------------------------------------------
@@ -71,7 +150,10 @@ class Hub:
                 timer = self._release_timers.pop(sid, None)
                 if timer is not None:
                     timer.cancel()
-            subs.add(session)
+            if session.backlog is None:
+                subs.add(session)
+            else:
+                self._behind.setdefault(sid, set()).add(session)
             session.streams.add(stream)
             snapshot = self.snapshot(sid)
             if snapshot is not None:
@@ -84,13 +166,95 @@ class Hub:
             if subs is None:
                 continue
             subs.discard(session)
-            if not subs:
+            if session.backlog is not None:
+                session.backlog.forget(stream.stream_id)
+                self._leave_behind(stream.stream_id, session)
+            if not self._held(stream.stream_id):
                 self._schedule_release(stream)
 
     def drop(self, session: Subscriber) -> None:
         """The session is gone: forget everything it held."""
         self.unsubscribe(session, list(session.streams))
         session.out.clear()
+        if session.backlog is not None:
+            self._behind_sessions.discard(session)
+            session.backlog = None
+
+    def _held(self, sid: str) -> bool:
+        return bool(self._subs.get(sid)) or bool(self._behind.get(sid))
+
+    def _leave_behind(self, sid: str, session: Subscriber) -> None:
+        behind = self._behind.get(sid)
+        if behind is not None:
+            behind.discard(session)
+            if not behind:
+                del self._behind[sid]
+
+    # -- clients that fell behind -----------------------------------------------------------
+
+    def fall_behind(self, session: Subscriber) -> None:
+        """The client cannot keep up: from now on its state streams are conflated."""
+        if session.backlog is not None:
+            return
+        backlog = session.backlog = Backlog()
+        self._behind_sessions.add(session)
+        for stream in session.streams:
+            sid = stream.stream_id
+            subs = self._subs.get(sid)
+            if subs is not None:
+                subs.discard(session)
+            self._behind.setdefault(sid, set()).add(session)
+        for frame in session.out:  # due this tick, not written yet: keep them first, in order
+            backlog.add_frame(frame)
+        session.out.clear()
+
+    def drained(self, session: Subscriber) -> None:
+        """The transport of a client behind has written everything it held."""
+        backlog = session.backlog
+        if backlog is None:
+            return
+        if backlog:
+            self._drain_due.append(session)
+            if not self._flush_scheduled:
+                self._schedule_flush()
+        elif time.monotonic() - session.resumed_at >= CATCH_UP_AFTER:
+            self._catch_up(session)
+
+    def _catch_up(self, session: Subscriber) -> None:
+        self._behind_sessions.discard(session)
+        session.backlog = None
+        for stream in session.streams:
+            sid = stream.stream_id
+            self._leave_behind(sid, session)
+            subs = self._subs.get(sid)
+            if subs is not None:
+                subs.add(session)
+        session.caught_up()
+
+    def _drain(self, session: Subscriber) -> None:
+        backlog = session.backlog
+        if backlog is None or session.paused:
+            return  # caught up or gone meanwhile; or resume_writing will call drained()
+        if backlog:
+            session.out.extend(backlog.take(self._current_frame))
+            session.flush()
+        if (
+            session.backlog is backlog
+            and not session.paused
+            and time.monotonic() - session.resumed_at >= CATCH_UP_AFTER
+        ):
+            self._catch_up(session)
+
+    def _current_frame(self, sid: str, skipped: bool) -> bytes | None:
+        """What a client behind gets for a state stream: its newest message, complete state;
+        a fresh snapshot instead when the stream's updates are deltas and some were skipped."""
+        stream = self._streams.get(sid)
+        if stream is None:
+            return None
+        message = (
+            self.snapshot(sid) if skipped and stream.kind in DELTA_KINDS else self._last.get(sid)
+        )
+        return None if message is None else message.frame
 
     def _schedule_release(self, stream: Stream) -> None:
         sid = stream.stream_id
@@ -105,9 +269,10 @@ class Hub:
     def _release(self, stream: Stream) -> None:
         sid = stream.stream_id
         self._release_timers.pop(sid, None)
-        if self._subs.get(sid):
+        if self._held(sid):
             return  # someone came back
         self._subs.pop(sid, None)
+        self._behind.pop(sid, None)
         self._streams.pop(sid, None)
         self._last.pop(sid, None)
         self._snapshots.pop(sid, None)
@@ -140,21 +305,51 @@ class Hub:
         self.messages_in += 1
         self._last[sid] = message
         self._snapshots.pop(sid, None)
-        if not subs:
-            return
         frame = message.frame
-        dirty = self._dirty
-        for session in subs:
-            out = session.out
-            if not out:
-                dirty.append(session)
-            out.append(frame)
-        self.deliveries += len(subs)
+        if subs:
+            dirty = self._dirty
+            for session in subs:
+                out = session.out
+                if not out:
+                    dirty.append(session)
+                out.append(frame)
+            self.deliveries += len(subs)
+        behind = self._behind.get(sid)
+        if behind:
+            self._deliver_behind(sid, frame, behind)
+        elif not subs:
+            return
         if not self._flush_scheduled:
             self._schedule_flush()
 
+    def _deliver_behind(self, sid: str, frame: bytes, behind: set[Subscriber]) -> None:
+        due = self._drain_due
+        if self._streams[sid].kind in STATE_KINDS:
+            for session in behind:
+                backlog = session.backlog
+                if backlog.add_state(sid):  # type: ignore[union-attr]
+                    self.conflated += 1
+                elif not session.paused and len(backlog) == 1:  # type: ignore[arg-type]
+                    due.append(session)
+        else:
+            now = time.monotonic()
+            for session in behind:
+                backlog = session.backlog
+                backlog.add_frame(frame, now)  # type: ignore[union-attr]
+                if not session.paused and len(backlog) == 1:  # type: ignore[arg-type]
+                    due.append(session)
+        self.deliveries += len(behind)
+
     def send(self, session: Subscriber, frame: bytes) -> None:
         """Queue one frame for one session behind what is already due for it."""
+        backlog = session.backlog
+        if backlog is not None:
+            backlog.add_frame(frame)
+            if not session.paused and len(backlog) == 1:
+                self._drain_due.append(session)
+            if not self._flush_scheduled:
+                self._schedule_flush()
+            return
         out = session.out
         if not out:
             self._dirty.append(session)
@@ -177,6 +372,13 @@ class Hub:
                 session.flush()
             except Exception:  # one broken session must not stop the others' writes
                 log.exception("flush failed")
+        if self._drain_due:
+            due, self._drain_due = self._drain_due, []
+            for session in due:
+                try:
+                    self._drain(session)
+                except Exception:
+                    log.exception("flush failed")
 
     def reset(self, stream: Stream) -> None:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
@@ -187,6 +389,7 @@ class Hub:
         """The exchange refused the stream: tell every local holder and drop it."""
         sid = stream.stream_id
         subs = self._subs.pop(sid, None) or set()
+        subs |= self._behind.pop(sid, None) or set()
         self._streams.pop(sid, None)
         self._last.pop(sid, None)
         self._snapshots.pop(sid, None)
@@ -203,6 +406,8 @@ class Hub:
             )
             for session in subs:
                 session.streams.discard(stream)
+                if session.backlog is not None:
+                    session.backlog.forget(sid)
                 self.send(session, frame)
         log.info(
             "stream rejected upstream",
@@ -215,14 +420,19 @@ class Hub:
         return stream.stream_id in self._subs
 
     def subscriber_count(self, stream: Stream) -> int:
-        return len(self._subs.get(stream.stream_id, ()))
+        sid = stream.stream_id
+        return len(self._subs.get(sid, ())) + len(self._behind.get(sid, ()))
+
+    @property
+    def clients_behind(self) -> int:
+        return len(self._behind_sessions)
 
     def stats(self) -> dict[str, Any]:
         by_kind = dict.fromkeys(KINDS, 0)
         streams_by_kind = dict.fromkeys(KINDS, 0)
         for sid, subs in self._subs.items():
             kind = self._streams[sid].kind
-            by_kind[kind] += len(subs)
+            by_kind[kind] += len(subs) + len(self._behind.get(sid, ()))
             streams_by_kind[kind] += 1
         return {
             "streams": len(self._subs),
@@ -233,4 +443,6 @@ class Hub:
             "messages_in": self.messages_in,
             "deliveries": self.deliveries,
             "releases": self.releases,
+            "clients_conflating": len(self._behind_sessions),
+            "conflated_messages": self.conflated,
         }
