@@ -148,7 +148,8 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_CALLBACK_TIMEOUT",
         _seconds(),
         "5",
-        "seconds a client may stay over the soft write-buffer mark before it is dropped (4008)",
+        "seconds a client may take nothing while data waits, leave an event undelivered, or "
+        "(policy drop) stay over the soft mark, before it is closed (4008)",
     ),
     Setting(
         "WRITE_BUFFER_SOFT_LIMIT",
@@ -160,7 +161,7 @@ SETTINGS: tuple[Setting, ...] = (
         "WRITE_BUFFER_HARD_LIMIT",
         _int_range(1024),
         "4194304",
-        "bytes unread by a client: closed with 4008 at once",
+        "bytes unread by a client (user space plus kernel): closed with 4008 at once",
     ),
     Setting(
         "SLOW_CLIENT_POLICY",

@@ -36,6 +36,15 @@ import orjson
 
 from loadtest.fanout import Scenario, Stack
 
+# what a proxy without these statistics (an older version, for an A/B) is taken to report
+NO_SLOW_STATS = {
+    "policy": "drop",
+    "resets": None,
+    "conflated_messages": None,
+    "unread_bytes_kernel_total": 0,
+    "unread_bytes_user_total": 0,
+}
+
 
 class RawReader:
     """A WebSocket client on a bare socket with a small receive buffer, reading when told to."""
@@ -138,7 +147,7 @@ async def _healthy(client: RawReader, until: float, out: dict[str, Any]) -> None
 async def stall(args: argparse.Namespace) -> dict[str, Any]:
     scenario = Scenario("stall", args.stalled, args.streams, args.rate)
     streams = [f"ticker:{s}" for s in _symbols(args.streams)]
-    with Stack(scenario, "proxy", Path(args.out)) as stack:
+    with Stack(scenario, args.target, Path(args.out)) as stack:
         port = stack.port
         healthy = [await RawReader(port, 0).connect(streams) for _ in range(args.healthy)]
         stalled = [await RawReader(port, args.rcvbuf).connect(streams) for _ in range(args.stalled)]
@@ -154,7 +163,7 @@ async def stall(args: argparse.Namespace) -> dict[str, Any]:
         while time.time() < end and len(closed_after) < args.stalled:
             await asyncio.sleep(0.25)
             stats = await asyncio.to_thread(_stats, port)
-            slow = stats["connections"]["slow_clients"]
+            slow = stats["connections"].get("slow_clients", NO_SLOW_STATS)
             dropped = stats["connections"]["drops"].get("slow_client", 0) - base
             closed_after += [round(time.time() - stalled_at, 2)] * (dropped - len(closed_after))
             waiting = args.stalled - dropped
@@ -175,7 +184,7 @@ async def stall(args: argparse.Namespace) -> dict[str, Any]:
         "stalled": args.stalled,
         "streams": args.streams,
         "rate": args.rate,
-        "policy": final["connections"]["slow_clients"]["policy"],
+        "policy": final["connections"].get("slow_clients", NO_SLOW_STATS)["policy"],
         "closed": len(closed_after),
         "seconds_to_close": _q(closed_after),
         "kernel_bytes_per_stalled_client_max": round(
@@ -183,7 +192,7 @@ async def stall(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "user_bytes_per_stalled_client_max": round(max((s["user"] for s in samples), default=0)),
         "fin_wait_1_after_grace": fin_wait,
-        "resets": final["connections"]["slow_clients"]["resets"],
+        "resets": final["connections"].get("slow_clients", NO_SLOW_STATS)["resets"],
         "healthy_latency_ms": _q(health["latency_ms"]),
         "healthy_lost": health["lost"],
         "healthy_messages": len(health["latency_ms"]),
@@ -192,7 +201,7 @@ async def stall(args: argparse.Namespace) -> dict[str, Any]:
 
 async def reader(args: argparse.Namespace) -> dict[str, Any]:
     scenario = Scenario("reader", 1, 1, args.rate)
-    with Stack(scenario, "proxy", Path(args.out)) as stack:
+    with Stack(scenario, args.target, Path(args.out)) as stack:
         client = await RawReader(stack.port, args.rcvbuf).connect(["ticker:BTCUSDT"])
         start = time.time()
         ages: list[tuple[float, float]] = []
@@ -218,7 +227,7 @@ async def reader(args: argparse.Namespace) -> dict[str, Any]:
                 jumps += 1
             last = message["seq"]
             first = last if first is None else first
-        stats = _stats(stack.port)["connections"]["slow_clients"]
+        stats = _stats(stack.port)["connections"].get("slow_clients", NO_SLOW_STATS)
         client.close()
     half = args.duration / 2
     return {
@@ -260,6 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     for p in (one, two):
         p.add_argument("--rcvbuf", type=int, default=4096, help="the slow clients' SO_RCVBUF")
         p.add_argument("--out", default="/tmp/fastproxy-slow")
+        p.add_argument(
+            "--target",
+            default="proxy",
+            help="proxy, or proxy-NAME=TREE: the proxy from another tree",
+        )
     args = parser.parse_args(argv)
     args.fanout_timeout = float(os.environ.get("FANOUT_CALLBACK_TIMEOUT", "5"))
     run = stall if args.command == "stall" else reader
