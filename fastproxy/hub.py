@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
-from fastproxy.codec import Message, as_snapshot, ws_text_frame
+from fastproxy.codec import Message, ws_text_frame
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import DELTA_KINDS, KINDS, STATE_KINDS, Stream
+from fastproxy.wire import LastValues
 
 log = logging.getLogger("fastproxy.hub")
 
@@ -124,8 +125,7 @@ class Hub:
         self._behind_sessions: set[Subscriber] = set()
         self._drain_due: list[Subscriber] = []
         self._streams: dict[str, Stream] = {}  # stream_id -> Stream, for streams held here
-        self._last: dict[str, Message] = {}  # stream_id -> last delivered Message
-        self._snapshots: dict[str, Message] = {}  # stream_id -> as_snapshot(last), built lazily
+        self._values = LastValues()  # the last delivered Message of each stream held here
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
@@ -133,7 +133,6 @@ class Hub:
         self.deliveries = 0
         self.releases = 0
         self.conflated = 0  # state messages replaced by a newer one for a client behind
-        bus.attach(self.deliver, self.reset, self.reject)
 
     # -- subscriptions -------------------------------------------------------------------
 
@@ -251,9 +250,10 @@ class Hub:
         stream = self._streams.get(sid)
         if stream is None:
             return None
-        message = (
-            self.snapshot(sid) if skipped and stream.kind in DELTA_KINDS else self._last.get(sid)
-        )
+        if skipped and stream.kind in DELTA_KINDS:
+            message = self.snapshot(sid)
+        else:
+            message = self._values.last(sid)
         return None if message is None else message.frame
 
     def _schedule_release(self, stream: Stream) -> None:
@@ -274,8 +274,7 @@ class Hub:
         self._subs.pop(sid, None)
         self._behind.pop(sid, None)
         self._streams.pop(sid, None)
-        self._last.pop(sid, None)
-        self._snapshots.pop(sid, None)
+        self._values.forget(sid)
         self.releases += 1
         self._bus.release(stream)
 
@@ -287,14 +286,7 @@ class Hub:
     # -- delivery ------------------------------------------------------------------------
 
     def snapshot(self, stream_id: str) -> Message | None:
-        snapshot = self._snapshots.get(stream_id)
-        if snapshot is not None:
-            return snapshot
-        last = self._last.get(stream_id)
-        if last is None:
-            return None
-        snapshot = self._snapshots[stream_id] = as_snapshot(last)
-        return snapshot
+        return self._values.snapshot(stream_id)
 
     def deliver(self, message: Message) -> None:
         """Fan a Message out to the local subscribers of its stream (the bus calls this)."""
@@ -303,8 +295,7 @@ class Hub:
         if subs is None:
             return  # not held here (any more)
         self.messages_in += 1
-        self._last[sid] = message
-        self._snapshots.pop(sid, None)
+        self._values.put(message)
         frame = message.frame
         if subs:
             dirty = self._dirty
@@ -382,8 +373,7 @@ class Hub:
 
     def reset(self, stream: Stream) -> None:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
-        self._last.pop(stream.stream_id, None)
-        self._snapshots.pop(stream.stream_id, None)
+        self._values.forget(stream.stream_id)
 
     def reject(self, stream: Stream, reason: str) -> None:
         """The exchange refused the stream: tell every local holder and drop it."""
@@ -391,8 +381,7 @@ class Hub:
         subs = self._subs.pop(sid, None) or set()
         subs |= self._behind.pop(sid, None) or set()
         self._streams.pop(sid, None)
-        self._last.pop(sid, None)
-        self._snapshots.pop(sid, None)
+        self._values.forget(sid)
         timer = self._release_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -418,10 +407,6 @@ class Hub:
 
     def holds(self, stream: Stream) -> bool:
         return stream.stream_id in self._subs
-
-    def subscriber_count(self, stream: Stream) -> int:
-        sid = stream.stream_id
-        return len(self._subs.get(sid, ())) + len(self._behind.get(sid, ()))
 
     @property
     def clients_behind(self) -> int:

@@ -170,7 +170,7 @@ async def test_slow_reader_on_a_200_per_second_ticker_stays_connected_and_fresh(
         _, stats = await http_json(app, "/stats")
         slow = stats["connections"]["slow_clients"]
         assert slow["policy"] == "conflate" and slow["conflated_messages"] > 0
-        assert slow["conflating"] == 1 == stats["pubsub"]["clients_conflating"]
+        assert slow["conflating"] == 1 == stats["hub"]["clients_conflating"]
         assert sum(slow["unread_bytes_kernel"].values()) == 1
         status, body = await asyncio.to_thread(http_get, app, "/metrics")
         text = body.decode()
