@@ -28,7 +28,7 @@ from fastproxy.bus import Bus
 from fastproxy.codec import Message, ws_text_frame
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import DELTA_KINDS, KINDS, STATE_KINDS, Stream
-from fastproxy.wire import LastValues
+from fastproxy.wire import SNAPSHOT, LastValues
 
 log = logging.getLogger("fastproxy.hub")
 
@@ -45,11 +45,12 @@ class Backlog:
     the stream's newest state); every other frame (events, replies, snapshots) a place of its own.
     """
 
-    __slots__ = ("_next", "event_bytes", "first_event_at", "places", "skipped")
+    __slots__ = ("_next", "event_bytes", "first_event_at", "places", "restarted", "skipped")
 
     def __init__(self) -> None:
         self.places: dict[str | int, bytes | None] = {}
         self.skipped: set[str] = set()  # state streams whose older messages were replaced
+        self.restarted: set[str] = set()  # state streams that sent a snapshot while waiting
         self.first_event_at: float | None = None  # when the oldest waiting event arrived
         self.event_bytes = 0
         self._next = 0
@@ -57,8 +58,11 @@ class Backlog:
     def __len__(self) -> int:
         return len(self.places)
 
-    def add_state(self, stream_id: str) -> bool:
-        """A new message of a state stream; True when it replaced one still waiting."""
+    def add_state(self, stream_id: str, resync: bool = False) -> bool:
+        """A new message of a state stream; True when it replaced one still waiting. `resync`:
+        the message is a snapshot (the stream restarted), so the client must get one."""
+        if resync:
+            self.restarted.add(stream_id)
         if stream_id in self.places:
             self.skipped.add(stream_id)
             return True
@@ -77,19 +81,22 @@ class Backlog:
     def forget(self, stream_id: str) -> None:
         self.places.pop(stream_id, None)
         self.skipped.discard(stream_id)
+        self.restarted.discard(stream_id)
 
-    def take(self, current: Callable[[str, bool], bytes | None]) -> list[bytes]:
-        """Everything waiting, oldest first; `current(stream_id, skipped)` fills a state place."""
+    def take(self, current: Callable[[str, bool, bool], bytes | None]) -> list[bytes]:
+        """Everything waiting, oldest first; `current(stream_id, skipped, restarted)` fills a
+        state place."""
         frames: list[bytes] = []
-        skipped = self.skipped
+        skipped, restarted = self.skipped, self.restarted
         for key, frame in self.places.items():
             if frame is None:
-                frame = current(key, key in skipped)  # type: ignore[arg-type]
+                frame = current(key, key in skipped, key in restarted)  # type: ignore[arg-type]
                 if frame is None:
                     continue  # the stream was reset or left meanwhile
             frames.append(frame)
         self.places.clear()
         skipped.clear()
+        restarted.clear()
         self.first_event_at = None
         self.event_bytes = 0
         return frames
@@ -244,16 +251,20 @@ class Hub:
         ):
             self._catch_up(session)
 
-    def _current_frame(self, sid: str, skipped: bool) -> bytes | None:
+    def _current_frame(self, sid: str, skipped: bool, restarted: bool) -> bytes | None:
         """What a client behind gets for a state stream: its newest message, complete state;
-        a fresh snapshot instead when the stream's updates are deltas and some were skipped."""
+        a fresh snapshot instead when the stream's updates are deltas and some were skipped, or
+        when a snapshot (a restart of the stream) was among the messages merged."""
         stream = self._streams.get(sid)
         if stream is None:
             return None
-        if skipped and stream.kind in DELTA_KINDS:
+        last = self._values.last(sid)
+        if last is None:
+            return None
+        if (skipped and stream.kind in DELTA_KINDS) or (restarted and last.type != SNAPSHOT):
             message = self.snapshot(sid)
         else:
-            message = self._values.last(sid)
+            message = last
         return None if message is None else message.frame
 
     def _schedule_release(self, stream: Stream) -> None:
@@ -307,18 +318,20 @@ class Hub:
             self.deliveries += len(subs)
         behind = self._behind.get(sid)
         if behind:
-            self._deliver_behind(sid, frame, behind)
+            self._deliver_behind(message, behind)
         elif not subs:
             return
         if not self._flush_scheduled:
             self._schedule_flush()
 
-    def _deliver_behind(self, sid: str, frame: bytes, behind: set[Subscriber]) -> None:
+    def _deliver_behind(self, message: Message, behind: set[Subscriber]) -> None:
+        sid, frame = message.stream_id, message.frame
         due = self._drain_due
         if self._streams[sid].kind in STATE_KINDS:
+            resync = message.type == SNAPSHOT
             for session in behind:
                 backlog = session.backlog
-                if backlog.add_state(sid):  # type: ignore[union-attr]
+                if backlog.add_state(sid, resync):  # type: ignore[union-attr]
                     self.conflated += 1
                 elif not session.paused and len(backlog) == 1:  # type: ignore[arg-type]
                     due.append(session)

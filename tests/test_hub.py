@@ -287,3 +287,22 @@ async def test_dropping_a_client_behind_forgets_its_backlog() -> None:
     hub.drop(session)
     assert session.backlog is None and hub.clients_behind == 0
     assert bus.released == [TICKER]
+
+
+async def test_client_behind_still_gets_a_snapshot_when_the_stream_restarts() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    session = FakeSession()
+    hub.subscribe(session, [TICKER])
+    feed(codec, SNAPSHOT, hub)
+    await tick()
+    behind(hub, session)
+    feed(codec, delta("101.0", 2000), hub)
+    codec.reset()
+    hub.reset(TICKER)
+    feed(codec, SNAPSHOT, hub)  # the upstream restarted: a snapshot, then an update
+    feed(codec, delta("103.0", 4000), hub)
+    drain(hub, session)
+    await tick()
+    last = session.messages()[-1]
+    assert last["type"] == "snapshot" and last["data"]["price"] == "103.0"

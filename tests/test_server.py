@@ -340,7 +340,8 @@ async def test_health_degrades_when_upstream_is_down() -> None:
             message = await recv_data(ws, TICKER, timeout=30)
             while message["type"] == "update" and message["timestamp"] < down_at:
                 message = await recv_data(ws, TICKER, timeout=30)
-            assert message["type"] == "snapshot"  # after an upstream reset
+            # after an upstream reset
+            assert message["type"] == "snapshot", (message["seq"], message["timestamp"] - down_at)
 
 
 async def test_last_client_leaving_releases_upstream_after_linger() -> None:
