@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
+    GaugeHistogramMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
@@ -121,6 +122,37 @@ class ProxyCollector(Collector):
                 for field, family in per_key.items():
                     family.add_metric([kid], usage[field])
             yield from per_key.values()
+        slow = conns.get("slow_clients")
+        if slow is not None:
+            yield GaugeMetricFamily(
+                "fastproxy_clients_conflating",
+                "Clients behind, getting conflated state streams",
+                value=slow["conflating"],
+            )
+            yield CounterMetricFamily(
+                "fastproxy_conflated_messages",
+                "State messages replaced by a newer one for a client behind",
+                value=slow["conflated_messages"],
+            )
+            yield CounterMetricFamily(
+                "fastproxy_client_resets",
+                "Closed client sockets reset because the peer left data unread",
+                value=slow["resets"],
+            )
+            unread = GaugeHistogramMetricFamily(
+                "fastproxy_client_unread_bytes",
+                "Clients by bytes written to them and not yet read, in user space (the "
+                "transport's buffer) or in the kernel's send queue",
+                labels=["where"],
+            )
+            for where in ("user", "kernel"):
+                counts = slow[f"unread_bytes_{where}"]
+                cumulative, buckets = 0, []
+                for edge, count in counts.items():
+                    cumulative += count
+                    buckets.append((edge, cumulative))
+                unread.add_metric([where], buckets, slow[f"unread_bytes_{where}_total"])
+            yield unread
         subs = GaugeMetricFamily(
             "fastproxy_subscriptions", "Client subscriptions by stream kind", labels=["kind"]
         )
@@ -129,6 +161,22 @@ class ProxyCollector(Collector):
         yield subs
         yield GaugeMetricFamily(
             "fastproxy_streams", "Streams held on this node", value=hub["streams"]
+        )
+        yield GaugeMetricFamily(
+            "fastproxy_stale_streams",
+            "Streams held on this node whose data may not be current (clients were told)",
+            value=hub.get("stale_streams", 0),
+        )
+        history = hub.get("history", {})
+        yield GaugeMetricFamily(
+            "fastproxy_history_bytes",
+            "Bytes the resume history holds (capped by HISTORY_MAX_BYTES)",
+            value=history.get("bytes", 0),
+        )
+        yield GaugeMetricFamily(
+            "fastproxy_history_messages",
+            "Messages the resume history holds",
+            value=history.get("messages", 0),
         )
         yield CounterMetricFamily(
             "fastproxy_deliveries", "Messages queued to clients", value=hub["deliveries"]

@@ -1,5 +1,6 @@
 """GET /dashboard: the page as served, and the page running in real headless Chromium against a
-real proxy fed by the simulator (prices appear and change; a screenshot is kept).
+real proxy fed by the simulator (prices appear and change; book resyncs and stale streams move
+when the simulator sends a crossed book and then goes silent; a screenshot is kept).
 
 The Chromium test needs Debian's `chromium` (`apt-get install chromium`; `.ci/run` installs it).
 Where there is none it skips and says so. The screenshot goes to $FASTPROXY_ARTIFACTS_DIR when
@@ -22,7 +23,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from fastproxy.dashboard import page
-from tests.proxyutil import http_get, running_proxy, running_sim
+from tests.proxyutil import client, http_get, running_proxy, running_sim, subscribe
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -181,7 +182,35 @@ async def test_dashboard_in_headless_chromium(tmp_path: Path) -> None:
                     assert loop.time() < deadline, (health, clients, rate)
                     await asyncio.sleep(0.2)
                 assert await tools.evaluate("document.getElementById('error').textContent") == ""
+
+                async def text(element: str) -> str:
+                    return await tools.evaluate(f"document.getElementById('{element}').textContent")
+
+                async def until(element: str, wanted: Any, seconds: float) -> str:
+                    deadline = loop.time() + seconds
+                    while not wanted(shown := await text(element)):
+                        assert loop.time() < deadline, (element, shown)
+                        await asyncio.sleep(0.2)
+                    return shown
+
+                # nothing stale, no resync yet: both boxes read the node's real fields
+                await until("stale", lambda shown: shown == "0", 15)
+                await until("resyncs", lambda shown: shown == "0", 15)
+                # a crossed book on the exchange: the proxy rebuilds it, the box counts it
+                async with client(app) as book_client:
+                    await subscribe(book_client, "orderbook:50:BTCUSDT")
+                    await asyncio.sleep(0.5)  # the book's first snapshot is in
+                    sim.crossed_delta("orderbook.50.BTCUSDT")
+                    await until("resyncs", lambda shown: shown not in ("0", "\u2013"), 15)
+                    assert "crossed" in await text("resync-reasons")
+                await asyncio.sleep(1.5)  # the book is released (linger 0.5 s)
+                # the exchange goes silent: the page's two tickers turn stale
+                sim.set_half_dead(True)
+                await until("stale", lambda shown: shown == "2", 15)
+                detail = await text("stale-detail")
+                assert re.fullmatch(r"[1-9]\d* upstream topics stale", detail), detail
                 shot = await tools.call("Page.captureScreenshot", format="png")
+                sim.clear_faults()
             import base64
 
             path = artifacts_dir(tmp_path) / "dashboard.png"
