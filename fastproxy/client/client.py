@@ -218,8 +218,16 @@ class Client:
         return list(reply.get("args") or args)
 
     async def unsubscribe(self, *args: str) -> None:
+        """Stop streams. Their events still queued are dropped too."""
         self._raise_if_unusable()
-        await self._request(self._core.unsubscribe(args))
+        before = set(self._core.args())
+        req_id = self._core.unsubscribe(args)
+        gone = before - set(self._core.args())
+        if gone:
+            self._events = deque(
+                item for item in self._events if not (isinstance(item, Event) and item.arg in gone)
+            )
+        await self._request(req_id)
 
     async def _request(self, req_id: str | None) -> dict[str, Any] | None:
         self._send_outbox()
@@ -344,18 +352,20 @@ class Client:
         code = listener.close_code
         self._transport = None
         self._reading_paused = False
-        now_ms = int(time.time() * 1000)
-        for event in self._core.connection_lost(now_ms):
-            self._push(event)
-        self._hand_back_replies()
+        fatal: ClientError | None = None
         if code == CLOSE_CONNECTION_LIMIT:
-            self._fail(
-                ConnectionLimitError(
-                    f"{self.url} closed the connection with 4003 (connection limit reached)"
-                    + (f": {listener.close_reason}" if listener.close_reason else "")
-                )
+            fatal = ConnectionLimitError(
+                f"{self.url} closed the connection with 4003 (connection limit reached)"
+                + (f": {listener.close_reason}" if listener.close_reason else "")
             )
+            self._fatal = fatal  # before the waiters are answered: they must see it
+        for event in self._core.connection_lost(int(time.time() * 1000)):
+            self._push(event)
+        if fatal is not None:
+            self._core.replies.clear()
+            self._fail(fatal)
             return
+        self._hand_back_replies()
         log.info("connection lost; reconnecting", extra={"code": code, "url": self.url})
 
     async def _reconnect(self) -> None:
