@@ -672,3 +672,40 @@ async def test_python_m_fastproxy_client_reports_errors_in_one_line() -> None:
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1
     assert err.decode().startswith("error: ")
+
+
+# -- the README's example, as written ------------------------------------------------------
+
+
+def readme_example() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as file:
+        readme = file.read()
+    section = readme.split("## Python client", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readme_example_runs_as_written() -> None:
+    code = readme_example()
+    assert 'Client("ws://127.0.0.1:8000/ws")' in code
+    async with running_sim() as sim, running_proxy(sim) as app:
+        require(await probe(app), "orderbook")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code.replace("ws://127.0.0.1:8000/ws", ws_url(app)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdout is not None
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(20):
+                while sum(line.startswith("  bid") for line in lines) < 5:
+                    line = await process.stdout.readline()
+                    assert line, (lines, await process.stderr.read())  # type: ignore[union-attr]
+                    lines.append(line.decode())
+        finally:
+            process.kill()
+            await process.wait()
+        assert any(line.startswith("data trade:BTCUSDT") for line in lines)
+        assert any(line.startswith("data orderbook:50:BTCUSDT snapshot") for line in lines)
