@@ -49,6 +49,7 @@ from tests.proxyutil import (
     subscribe,
     ws_url,
 )
+from tests.test_client_core import ack
 
 TRADE = "trade:BTCUSDT"
 TICKER = "ticker:BTCUSDT"
@@ -266,15 +267,7 @@ class ScriptedListener(WSListener):  # type: ignore[misc]
         self.server.requests.append(request)
         if request.get("op") != "subscribe":
             return
-        reply = {
-            "op": "subscribe",
-            "success": True,
-            "args": request["args"],
-            "message": "ok",
-            "rejected": None,
-            "req_id": request.get("req_id"),
-        }
-        transport.send(WSMsgType.TEXT, orjson.dumps(reply))
+        transport.send(WSMsgType.TEXT, orjson.dumps(ack(request)))
         for arg in request["args"]:
             self.server.seq += 1
             message = {
@@ -474,9 +467,11 @@ def record_trades(sim: Simulator, symbol: str) -> list[str]:
 
 
 async def test_a_two_second_cut_loses_no_trade() -> None:
+    # The linger keeps the stream held upstream while its only client is away (on a real node
+    # other clients do that), so that there is something to resume.
     async with (
         running_sim(trade_rate=40.0) as sim,
-        running_proxy(sim) as app,
+        running_proxy(sim, unsubscribe_linger=10.0) as app,
         line_cutter(app) as line,
     ):
         require(await probe(app), "epoch", "resumed")
@@ -531,7 +526,11 @@ def true_book(sim: Simulator, depth: int, symbol: str) -> dict[int, tuple[list, 
 
 
 async def test_after_a_two_second_cut_the_book_equals_the_simulators() -> None:
-    async with running_sim() as sim, running_proxy(sim) as app, line_cutter(app) as line:
+    async with (
+        running_sim() as sim,
+        running_proxy(sim, unsubscribe_linger=10.0) as app,
+        line_cutter(app) as line,
+    ):
         require(await probe(app), "orderbook")
         truth = true_book(sim, 50, "BTCUSDT")
         async with fast_client(f"ws://127.0.0.1:{line.port}/ws") as c:

@@ -83,28 +83,28 @@ class _Side:
         return len(self._keys)
 
 
-def _price(text: Any) -> Decimal:
+def _number(text: Any, what: str) -> Decimal:
+    """A finite, non-negative decimal from the exchange's string."""
     if not isinstance(text, str):
-        raise BookError(f"price {text!r} is not a string")
+        raise BookError(f"{what} {text!r} is not a string")
     try:
         value = Decimal(text)
     except InvalidOperation:
-        raise BookError(f"price {text!r} is not a number") from None
-    if not value.is_finite() or value <= 0:
-        raise BookError(f"price {text!r} is not a positive number")
+        raise BookError(f"{what} {text!r} is not a number") from None
+    if not value.is_finite() or value < 0:
+        raise BookError(f"{what} {text!r} is not a non-negative number")
+    return value
+
+
+def _price(text: Any) -> Decimal:
+    value = _number(text, "price")
+    if value == 0:
+        raise BookError(f"price {text!r} is zero")
     return value
 
 
 def _is_zero(size: Any) -> bool:
-    if not isinstance(size, str):
-        raise BookError(f"size {size!r} is not a string")
-    try:
-        value = Decimal(size)
-    except InvalidOperation:
-        raise BookError(f"size {size!r} is not a number") from None
-    if not value.is_finite() or value < 0:
-        raise BookError(f"size {size!r} is not a non-negative number")
-    return value == 0
+    return _number(size, "size") == 0
 
 
 def _levels_of(data: dict[str, Any], key: str) -> list[Any]:

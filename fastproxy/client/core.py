@@ -306,7 +306,7 @@ class ClientCore:
         seq = message.get("seq")
         if not isinstance(seq, int) or isinstance(seq, bool):
             seq = None
-        epoch = message.get("epoch") if kind == "snapshot" else None
+        epoch = message.get("epoch")  # on snapshots; an update that has one is checked too
         epoch = None if epoch is None else str(epoch)
         restarted = epoch is not None and state.check.epoch not in (None, epoch)
         verdict = state.check.check(str(kind), seq, epoch)
