@@ -323,6 +323,14 @@ class Client:
                     f"{self.url} refused the WebSocket upgrade with HTTP {int(status)}"
                 ) from None
             raise
+        if listener is None or transport.is_disconnected:
+            # Closed as soon as it opened (a connection limit), or gone during the handshake.
+            code = listener.close_code if listener is not None else None
+            if code == CLOSE_CONNECTION_LIMIT:
+                raise self._limit_error(listener)
+            raise ConnectionResetError(
+                f"{self.url} closed the connection at once" + (f" ({code})" if code else "")
+            )
         self._transport = transport
         self._listener = listener
         for event in self._core.connection_made():
@@ -354,10 +362,7 @@ class Client:
         self._reading_paused = False
         fatal: ClientError | None = None
         if code == CLOSE_CONNECTION_LIMIT:
-            fatal = ConnectionLimitError(
-                f"{self.url} closed the connection with 4003 (connection limit reached)"
-                + (f": {listener.close_reason}" if listener.close_reason else "")
-            )
+            fatal = self._limit_error(listener)
             self._fatal = fatal  # before the waiters are answered: they must see it
         for event in self._core.connection_lost(int(time.time() * 1000)):
             self._push(event)
@@ -367,6 +372,12 @@ class Client:
             return
         self._hand_back_replies()
         log.info("connection lost; reconnecting", extra={"code": code, "url": self.url})
+
+    def _limit_error(self, listener: _Listener) -> ConnectionLimitError:
+        return ConnectionLimitError(
+            f"{self.url} closed the connection with 4003 (connection limit reached)"
+            + (f": {listener.close_reason}" if listener.close_reason else "")
+        )
 
     async def _reconnect(self) -> None:
         failures = 0
