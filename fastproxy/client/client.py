@@ -54,7 +54,7 @@ class ReconnectError(ClientError):
     """The connection was lost and `max_reconnects` attempts in a row failed."""
 
 
-class _Listener(WSListener):  # type: ignore[misc]
+class _Listener(WSListener):
     def __init__(self, client: Client) -> None:
         super().__init__()
         self.client = client
@@ -70,7 +70,7 @@ class _Listener(WSListener):  # type: ignore[misc]
             if payload is not None:
                 self.client._on_payload(payload)
         elif msg_type == WSMsgType.CLOSE:
-            self.close_code = int(frame.get_close_code())
+            self.close_code = int(frame.get_close_code())  # type: ignore[call-overload]
             self.close_reason = (frame.get_close_message() or b"").decode("utf-8", "replace")
             with contextlib.suppress(Exception):
                 transport.send_close(frame.get_close_code())
@@ -295,7 +295,7 @@ class Client:
     async def _connect(self) -> None:
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
         try:
-            transport, listener = await asyncio.wait_for(
+            transport, picows_listener = await asyncio.wait_for(
                 ws_connect(
                     lambda: _Listener(self),
                     self.url,
@@ -323,10 +323,11 @@ class Client:
                     f"{self.url} refused the WebSocket upgrade with HTTP {int(status)}"
                 ) from None
             raise
+        listener = picows_listener if isinstance(picows_listener, _Listener) else None
         if listener is None or transport.is_disconnected:
             # Closed as soon as it opened (a connection limit), or gone during the handshake.
             code = listener.close_code if listener is not None else None
-            if code == CLOSE_CONNECTION_LIMIT:
+            if listener is not None and code == CLOSE_CONNECTION_LIMIT:
                 raise self._limit_error(listener)
             raise ConnectionResetError(
                 f"{self.url} closed the connection at once" + (f" ({code})" if code else "")

@@ -445,9 +445,9 @@ class ClientCore:
         events: list[Event] = []
         ids = list(pending.stream_ids) if pending is not None and pending.op == "subscribe" else []
         for arg in message.get("args") or ():  # UPSTREAM_REJECTED names its args
-            stream_id = _stream_id(arg) if isinstance(arg, str) else None
-            if stream_id is not None:
-                ids.append(stream_id)
+            named = _stream_id(arg) if isinstance(arg, str) else None
+            if named is not None:
+                ids.append(named)
         for stream_id in ids:
             state = self._streams.pop(stream_id, None)
             if state is not None:
