@@ -151,6 +151,24 @@ async def test_ticker_and_trade_data_flow_with_seq_plus_one_and_the_state_is_kep
             assert c.freshness(TICKER) == "live"
 
 
+async def test_a_reader_that_falls_behind_stops_reading_and_loses_nothing() -> None:
+    async with running_sim(trade_rate=40.0) as sim, running_proxy(sim) as app:
+        async with fast_client(ws_url(app), max_queue=10) as c:
+            await c.subscribe(TICKER, TRADE)
+            await asyncio.sleep(3.0)  # ~60 ticker and ~100 trade messages were sent meanwhile
+            assert 10 <= c.pending <= 40
+            seqs: list[int] = []
+            async with asyncio.timeout(15):
+                async for event in c:
+                    assert event.kind == "data"
+                    if event.arg == TRADE:
+                        seqs.append(event.message["seq"])
+                    if len(seqs) >= 60:
+                        break
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert c.reconnects == 0
+
+
 async def test_bad_and_refused_args_raise_clear_errors() -> None:
     async with running_sim() as sim, running_proxy(sim) as app:
         async with fast_client(ws_url(app)) as c:

@@ -290,6 +290,11 @@ class Client:
     def subscriptions(self) -> list[str]:
         return self._core.args()
 
+    @property
+    def pending(self) -> int:
+        """Events received and not yet taken by the iteration (bounded near `max_queue`)."""
+        return sum(isinstance(item, Event) for item in self._events)
+
     # -- the connection ------------------------------------------------------------------
 
     async def _connect(self) -> None:
