@@ -30,6 +30,7 @@ from picows import (
 from fastproxy.app import App
 from fastproxy.client import (
     AuthError,
+    Book,
     Client,
     ConnectionLimitError,
     Event,
@@ -579,24 +580,15 @@ async def test_a_cut_that_lands_on_another_node_loses_no_trade(redis_url: str) -
 
 
 def true_book(sim: Simulator, depth: int, symbol: str) -> dict[int, tuple[list, list]]:
-    """The simulator's book window at every update id it publishes, as the exchange's strings."""
-    books: dict[int, tuple[list, list]] = {}
-    topic = f"orderbook.{depth}.{symbol}"
-    broadcast = sim._broadcast
+    """The simulator's book at every update id it sends (levels as the exchange's strings)."""
+    return sim.record_books(f"orderbook.{depth}.{symbol}")  # type: ignore[attr-defined,no-any-return]
 
-    def recording(feed: Any, frames: list[bytes], now: float) -> None:
-        if feed.topic == topic and feed.ref.category == "linear":
-            spec = feed.inst.spec
-            bids = sorted(feed.win_bids.items(), reverse=True)
-            asks = sorted(feed.win_asks.items())
-            books[feed.u] = (
-                [(spec.fmt_price(p), spec.fmt_qty(s)) for p, s in bids],
-                [(spec.fmt_price(p), spec.fmt_qty(s)) for p, s in asks],
-            )
-        broadcast(feed, frames, now)
 
-    sim._broadcast = recording  # type: ignore[method-assign]
-    return books
+def same_book(book: Book, levels: tuple[list, list]) -> bool:
+    bids, asks = levels
+    return [list(level) for level in book.bids] == bids and [
+        list(level) for level in book.asks
+    ] == asks
 
 
 async def test_after_a_two_second_cut_the_book_equals_the_simulators() -> None:
@@ -617,8 +609,7 @@ async def test_after_a_two_second_cut_the_book_equals_the_simulators() -> None:
                 book = c.book(BOOK)
                 assert book is not None
                 if book.update_id in truth:
-                    bids, asks = truth[book.update_id]
-                    assert (book.bids, book.asks) == (bids, asks), book.update_id
+                    assert same_book(book, truth[book.update_id]), book.update_id
                     checked += 1
 
             for _ in range(50):
@@ -630,6 +621,52 @@ async def test_after_a_two_second_cut_the_book_equals_the_simulators() -> None:
                 await next_event(c, is_data(BOOK))
                 check_book()
             assert checked >= 90  # the client's book matched the exchange's, update by update
+
+
+BOOK_FAULTS = (
+    "skip_u",
+    "repeat_u",
+    "backward_u",
+    "drop_delta",
+    "crossed_delta",
+    "resend_snapshot",
+)
+
+
+async def test_the_book_follows_the_exchange_through_its_faults() -> None:
+    """Lost, repeated, backward and crossing deltas, a mid-stream snapshot and an exchange
+    restart (u=1): the server rebuilds its book and sends a fresh snapshot, and the client's
+    book equals the exchange's at every updateId it holds, without ever having to resync."""
+    async with running_sim() as sim, running_proxy(sim) as app:
+        require(await probe(app), "orderbook")
+        truth = true_book(sim, 50, "BTCUSDT")
+        async with fast_client(ws_url(app)) as c:
+            await c.subscribe(BOOK)
+            await next_event(c, is_data(BOOK))
+            faults = [name for name in BOOK_FAULTS if hasattr(sim, name)]
+            checked = snapshots = 0
+            held: set[int] = set()
+            for fault in [*faults, "restart_books"]:
+                # A repeated or backward `u` makes the exchange name two books with one id:
+                # only ids this client had not held before the fault are compared.
+                held_before = set(held)
+                if fault == "restart_books":
+                    sim.restart_books()
+                else:
+                    getattr(sim, fault)("orderbook.50.BTCUSDT")
+                for _ in range(15):
+                    event, before = await next_event(c, is_data(BOOK))
+                    assert not [e for e in before if e.kind == "gap"], fault
+                    snapshots += event.message["type"] == "snapshot"
+                    book = c.book(BOOK)
+                    assert book is not None
+                    held.add(book.update_id)
+                    if book.update_id in truth and book.update_id not in held_before:
+                        assert same_book(book, truth[book.update_id]), (fault, book.update_id)
+                        checked += 1
+            assert c.resyncs == 0
+            assert snapshots >= 2  # at least the restart and the mid-stream snapshot
+            assert checked >= 10 * (len(faults) + 1)
 
 
 # -- stale and live ------------------------------------------------------------------------
@@ -773,7 +810,9 @@ async def test_the_readme_example_runs_as_written() -> None:
         lines: list[str] = []
         try:
             async with asyncio.timeout(20):
-                while sum(line.startswith("  bid") for line in lines) < 5:
+                while sum(line.startswith("  bid") for line in lines) < 5 or not any(
+                    line.startswith("data trade:BTCUSDT") for line in lines
+                ):
                     line = await process.stdout.readline()
                     assert line, (lines, await process.stderr.read())  # type: ignore[union-attr]
                     lines.append(line.decode())

@@ -291,6 +291,11 @@ class Client:
         return self._core.args()
 
     @property
+    def resyncs(self) -> int:
+        """Books this client found broken and subscribed afresh."""
+        return self._core.resyncs
+
+    @property
     def pending(self) -> int:
         """Events received and not yet taken by the iteration (bounded near `max_queue`)."""
         return sum(isinstance(item, Event) for item in self._events)
