@@ -415,6 +415,7 @@ class LineCutter:
         self.accepted = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._silenced: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -428,6 +429,11 @@ class LineCutter:
     def cut(self, seconds: float) -> None:
         self.cut_until = time.monotonic() + seconds
         self._abort_all()
+
+    def black_hole(self) -> None:
+        """The connections open now stay open but carry nothing more, either way (a half-open
+        line); new connections work."""
+        self._silenced.update(self._writers)
 
     def _abort_all(self) -> None:
         for writer in list(self._writers):
@@ -452,6 +458,8 @@ class LineCutter:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if writer in self._silenced:
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -469,6 +477,25 @@ async def line_cutter(app: App) -> AsyncIterator[LineCutter]:
         yield cutter
     finally:
         await cutter.stop()
+
+
+async def test_a_silent_half_open_connection_is_found_by_ping_and_replaced() -> None:
+    async with running_sim() as sim, running_proxy(sim) as app, line_cutter(app) as line:
+        url = f"ws://127.0.0.1:{line.port}/ws"
+        async with fast_client(url, ping_interval=1.0, ping_timeout=1.0) as c:
+            await c.subscribe(TICKER)
+            await next_event(c, is_data(TICKER))
+            line.black_hole()
+            loop = asyncio.get_running_loop()
+            silenced_at = loop.time()
+            stale, _ = await next_event(c, lambda e: e.kind == "status", 15)
+            assert stale.message["state"] == "stale"
+            assert stale.message["reason"] == "disconnected from the server"
+            await next_event(c, lambda e: e.kind == "reconnected", 15)
+            found_after = loop.time() - silenced_at
+            await next_event(c, is_data(TICKER))
+            assert c.reconnects == 1 and line.accepted == 2
+            print(f"a silent connection was replaced {found_after:.1f} s after it went quiet")
 
 
 def record_trades(sim: Simulator, symbol: str) -> list[str]:
