@@ -203,6 +203,28 @@ def test_a_stream_the_server_did_not_resume_gets_a_gap_then_its_snapshot():
     ]
 
 
+def test_trades_the_client_has_are_not_repeated_after_an_unresumed_reconnect():
+    core = connected("trade:BTCUSDT")
+    core.receive(data(TRADE, 10, "snapshot", epoch="E"), 0)
+    core.receive(data(TRADE, 11), 0)
+    request = reconnect(core)
+    events = core.receive(ack(request, resumed=[]), 0)  # history too short, same epoch
+    assert kinds(events) == [("reconnected", None), ("gap", "trade:BTCUSDT")]
+    assert events[1].message["from"] == 11
+    # the snapshot is the latest batch: one the client had already is dropped ...
+    assert kinds(core.receive(data(TRADE, 11, "snapshot", epoch="E"), 0)) == [
+        ("status", "trade:BTCUSDT")
+    ]
+    # ... and the jump to a newer one is the gap already told, not a second one
+    assert kinds(core.receive(data(TRADE, 30, "snapshot", epoch="E"), 0)) == [
+        ("data", "trade:BTCUSDT")
+    ]
+    assert kinds(core.receive(data(TRADE, 33), 0)) == [
+        ("gap", "trade:BTCUSDT"),
+        ("data", "trade:BTCUSDT"),
+    ]
+
+
 def test_a_server_without_resume_gives_every_stream_with_data_a_gap():
     core = connected("trade:BTCUSDT", "ticker:BTCUSDT", "ticker:ETHUSDT")
     core.receive(data(TRADE, 10, "snapshot"), 0)  # no epoch: nothing to resume from
@@ -215,6 +237,11 @@ def test_a_server_without_resume_gives_every_stream_with_data_a_gap():
         ("gap", "trade:BTCUSDT"),
         ("gap", "ticker:BTCUSDT"),
     ]  # ETHUSDT had nothing yet: nothing can be missing
+    # a restarted server counts from 1 again; without epochs that is no repeat
+    assert kinds(core.receive(data(TRADE, 1, "snapshot"), 0)) == [
+        ("status", "trade:BTCUSDT"),
+        ("data", "trade:BTCUSDT"),
+    ]
 
 
 def test_a_stale_status_right_after_the_reconnect_ack_wins_over_the_reconnect():

@@ -71,6 +71,7 @@ class _Stream:
     confirm_pending: bool = False  # re-acked after a reconnect; live unless the server objects
     resync_req: str | None = None  # a book resubscribe in flight: drop its data until acked
     awaiting_snapshot: bool = False  # a book with no trusted state: updates cannot apply
+    gap_told: bool = False  # the user was told of the gap before the next message already
 
 
 @dataclass(slots=True)
@@ -313,9 +314,10 @@ class ClientCore:
         if verdict is Verdict.DUPLICATE:
             self.duplicates += 1
             return events
-        if verdict is Verdict.GAP:
+        if verdict is Verdict.GAP and not state.gap_told:
             reason = "the stream's numbering restarted" if restarted else "messages are missing"
             events.append(self._gap(state, reason, state.check.gap_from, seq))
+        state.gap_told = False
         if book is not None:
             try:
                 book.apply(str(kind), message.get("data"))
@@ -388,8 +390,15 @@ class ClientCore:
             self.confirm_due = True
             if stream_id in resumed:
                 continue
-            had = state.check.seq is not None or (state.book is not None and state.book.ready)
-            state.check.reset()
+            last = state.check.seq
+            had = last is not None or (state.book is not None and state.book.ready)
+            if state.check.event_stream and state.check.epoch is not None:
+                # Keep the count: the new snapshot (the latest trades) may repeat some this
+                # client has, which are then dropped; its jump (or new epoch) is the gap told
+                # here. Without an epoch a restarted count could not be told from a repeat.
+                state.gap_told = had
+            else:
+                state.check.reset()  # the snapshot is the whole state, whatever its seq
             if state.book is not None:
                 state.book.clear()
                 state.awaiting_snapshot = True
@@ -398,7 +407,7 @@ class ClientCore:
                     self._gap(
                         state,
                         "the server could not resume the stream; a new snapshot follows",
-                        None,
+                        last,
                         None,
                     )
                 )
