@@ -55,4 +55,4 @@ soak: $(STAMP)
 	$(BIN)/python -m pytest --run-slow -m slow $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info fastproxy/*.so ext/*.c
+	rm -rf $(VENV) build *.egg-info fastproxy/*.so fastproxy/codec/*.so ext/*.c

@@ -1,4 +1,4 @@
-"""Build the optional Cython codec (ext/*.pyx -> fastproxy.<name>).
+"""Build the optional Cython codec (ext/*.pyx -> fastproxy.codec.<name>).
 
 The package runs in pure Python where the extension cannot be compiled, so a failed build
 is reported and skipped instead of failing the install.
@@ -38,7 +38,7 @@ def extensions() -> list[Extension]:
         print("fastproxy: Cython not installed; using pure Python", file=sys.stderr)
         return []
     modules = [
-        Extension(f"fastproxy.{os.path.splitext(name)[0]}", [os.path.join("ext", name)])
+        Extension(f"fastproxy.codec.{os.path.splitext(name)[0]}", [os.path.join("ext", name)])
         for name in sources
     ]
     try:

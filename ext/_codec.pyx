@@ -10,10 +10,11 @@ delta costs a few dict lookups, one fragment per changed field and some memcpy.
 
 Strings are written by hand only when they are pure ASCII with nothing to escape (every
 exchange number); anything else goes through orjson.dumps, so escaping can never differ from
-the pure implementation. The error type and the field tables come from
-fastproxy.codec._common, shared with the pure codecs; Message is a cdef twin of the pure one
-(a Python class call per Message cost about a fifth of a ticker delta).
-tests/test_codec_diff.py compares the two implementations byte for byte.
+the pure implementation. The error type, the key tables and the UTF-8 rule come from
+fastproxy.codec.tables, shared with the pure codecs; the snapshot rewrite from fastproxy.wire.
+Message is a cdef twin of fastproxy.wire.Message (a Python class call per Message cost about a
+fifth of a ticker delta). tests/test_codec_diff.py compares the two implementations byte for
+byte.
 """
 
 cimport cython
@@ -26,7 +27,10 @@ from libc.string cimport memcpy
 
 import orjson
 
-from fastproxy.codec._common import (
+from fastproxy.codec.tables import (
+    KLINE_CONFIRMED,
+    KLINE_TIMES,
+    KLINE_VALUES,
     TICKER_ASK_PRICE,
     TICKER_ASK_SIZE,
     TICKER_BID_PRICE,
@@ -35,11 +39,18 @@ from fastproxy.codec._common import (
     TICKER_NSLOTS,
     TICKER_PCT,
     TICKER_SLOT,
+    TRADE_BLOCK,
+    TRADE_ID,
+    TRADE_SIDE,
+    TRADE_SIDES,
+    TRADE_SYMBOL,
+    TRADE_TIME,
+    TRADE_VALUES,
     CodecError,
-    as_snapshot,
-    envelope_prefix,
+    check_utf8,
 )
 from fastproxy.streams import KLINE, TICKER, TRADE
+from fastproxy.wire import as_snapshot, envelope_prefix, new_epoch
 
 
 cdef extern from "Python.h":
@@ -51,7 +62,6 @@ cdef extern from "Python.h":
     bint PyList_CheckExact(object o)
     bint PyLong_CheckExact(object o)
     long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
-    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
     Py_ssize_t PyList_GET_SIZE(object o)
     PyObject* PyList_GET_ITEM(object o, Py_ssize_t i)
     PyObject* PyDict_GetItemWithError(object d, object k) except? NULL
@@ -166,13 +176,6 @@ cdef inline bint plain_ascii(const unsigned char* s, Py_ssize_t n) noexcept:
     return True
 
 
-cdef bytes dumps_str(object s):
-    try:
-        return _dumps(s)
-    except TypeError:  # orjson refuses lone surrogates, as the pure codec's check_str does
-        raise CodecError("string is not valid UTF-8") from None
-
-
 cdef int buf_str(Buf* b, object s) except -1:
     """Append the exact str `s` as a JSON string, byte-identical to orjson."""
     cdef Py_ssize_t n
@@ -188,7 +191,7 @@ cdef int buf_str(Buf* b, object s) except -1:
             b.p[b.n + n + 1] = 0x22
             b.n += n + 2
             return 0
-    return buf_bytes(b, dumps_str(s))
+    return buf_bytes(b, _dumps(s))
 
 
 cdef bytes str_frag(object s, bytes key):
@@ -208,10 +211,10 @@ cdef bytes str_frag(object s, bytes key):
             memcpy(p + k + 1, d, n)
             p[k + n + 1] = 0x22
             return out
-    return key + dumps_str(s)
+    return key + _dumps(s)
 
 
-cdef Message buf_message(Buf* b, str stream_id, int64_t seq, str mtype, object ts):
+cdef Message buf_message(Buf* b, str stream_id, int64_t seq, str mtype, object ts, str epoch):
     """Finish the payload in `b` into a Message: header written in front, two copies out."""
     cdef Py_ssize_t plen = b.n - HEAD
     cdef Py_ssize_t h
@@ -240,6 +243,7 @@ cdef Message buf_message(Buf* b, str stream_id, int64_t seq, str mtype, object t
     m.seq = seq
     m.type = mtype
     m.ts = ts
+    m.epoch = epoch
     m.frame = PyBytes_FromStringAndSize(<char*>p, plen + h)
     m.payload = PyBytes_FromStringAndSize(b.p + HEAD, plen)
     return m
@@ -248,7 +252,7 @@ cdef Message buf_message(Buf* b, str stream_id, int64_t seq, str mtype, object t
 @cython.final
 @cython.freelist(256)
 cdef class Message:
-    """One update of one stream, serialized once (see fastproxy.codec). The fields are
+    """One update of one stream, serialized once (see fastproxy.wire). The fields are
     read-only; `frame` is the complete unmasked WebSocket text frame around `payload`."""
 
     cdef readonly str stream_id
@@ -257,14 +261,18 @@ cdef class Message:
     cdef readonly object ts
     cdef readonly bytes payload
     cdef readonly bytes frame
+    cdef readonly str epoch
 
-    def __init__(self, str stream_id, int64_t seq, str type, ts, bytes payload, frame=None):
+    def __init__(
+        self, str stream_id, int64_t seq, str type, ts, bytes payload, frame=None, str epoch=""
+    ):
         self.stream_id = stream_id
         self.seq = seq
         self.type = type
         self.ts = ts
         self.payload = payload
         self.frame = ws_text_frame(payload) if frame is None else frame
+        self.epoch = epoch
 
     def __eq__(self, other):
         if not isinstance(other, Message):
@@ -275,6 +283,7 @@ cdef class Message:
             and self.stream_id == o.stream_id
             and self.type == o.type
             and self.ts == o.ts
+            and self.epoch == o.epoch
             and self.payload == o.payload
             and self.frame == o.frame
         )
@@ -283,12 +292,15 @@ cdef class Message:
         return hash((self.stream_id, self.seq, self.payload))
 
     def __reduce__(self):
-        return (Message, (self.stream_id, self.seq, self.type, self.ts, self.payload, self.frame))
+        return (
+            Message,
+            (self.stream_id, self.seq, self.type, self.ts, self.payload, self.frame, self.epoch),
+        )
 
     def __repr__(self):
         return (
             f"Message({self.stream_id!r}, seq={self.seq}, type={self.type!r}, ts={self.ts}, "
-            f"{len(self.payload)} bytes)"
+            f"epoch={self.epoch!r}, {len(self.payload)} bytes)"
         )
 
 
@@ -314,12 +326,14 @@ def ws_text_frame(bytes payload) -> bytes:
     return out
 
 
-# -- value rules (mirror check_str / check_ms / percent_2dp in fastproxy.codec._common) ------------
+# -- value rules (mirror check_str / check_ms / percent_2dp in fastproxy.codec.tables) ------------
 
 
 cdef inline int check_str(object v, str what) except -1:
     if not PyUnicode_CheckExact(v):
         raise CodecError(f"{what} must be a string, got {type(v).__name__}")
+    if not PyUnicode_IS_ASCII(v):
+        check_utf8(v, what)  # the pure codecs' rule and error, shared
     return 0
 
 
@@ -360,11 +374,7 @@ cdef object pct_frag(object s):
     if n == 0:
         return EMPTY_FRAG
     if not PyUnicode_IS_ASCII(s):
-        try:
-            PyUnicode_AsUTF8AndSize(s, NULL)
-        except UnicodeEncodeError:
-            raise CodecError("price24hPcnt is not valid UTF-8") from None
-        return None  # a decimal is ASCII
+        return None  # a decimal is ASCII (check_str has refused what is not UTF-8)
     c = <const char*>PyUnicode_DATA(s)
     if c[0] == 45 or c[0] == 43:  # '-' '+'
         neg = c[0] == 45
@@ -440,24 +450,24 @@ cdef object pct_frag(object s):
 
 
 cdef class _Codec:
-    """State shared by the three codecs: the stream, its seq and the last-value cache."""
+    """State shared by the three codecs: the stream, its numbering and its last Message."""
 
     cdef readonly object stream
+    cdef readonly str epoch
     cdef int64_t _seq
     cdef str _sid
     cdef bint _fresh
     cdef object _last
-    cdef object _snap
 
-    def __init__(self, stream, int64_t seq=0):
+    def __init__(self, stream, int64_t seq=0, epoch=None):
         if stream.kind != self._kind():
             raise ValueError(f"{type(self).__name__} serves {self._kind()} streams, not {stream!r}")
         self.stream = stream
+        self.epoch = new_epoch() if epoch is None else epoch
         self._seq = seq
         self._sid = stream.stream_id
         self._fresh = True
         self._last = None
-        self._snap = None
 
     cdef str _kind(self):
         return ""
@@ -469,23 +479,20 @@ cdef class _Codec:
 
     def snapshot(self):
         """The current state for a new subscriber: type snapshot, the seq of its last update;
-        None when nothing is known. Built once per state change."""
-        if self._snap is None and self._last is not None:
-            self._snap = as_snapshot(self._last)
-        return self._snap
+        None when nothing is known. Built on each call: the hub keeps the one it serves."""
+        return None if self._last is None else as_snapshot(self._last)
 
     def reset(self) -> None:
         """Upstream state is gone (reconnect): forget it; the next Message is a snapshot."""
         self._fresh = True
         self._last = None
-        self._snap = None
         self._clear()
 
     cdef void _clear(self):
         pass
 
     def __repr__(self):
-        return f"{type(self).__name__}({self.stream!r}, seq={self._seq})"
+        return f"{type(self).__name__}({self.stream!r}, seq={self._seq}, epoch={self.epoch!r})"
 
 
 cdef enum:
@@ -517,8 +524,8 @@ cdef class TickerCodec(_Codec):
     cdef bytes _pre_snap
     cdef bytes _pre_upd
 
-    def __init__(self, stream, int64_t seq=0):
-        _Codec.__init__(self, stream, seq)
+    def __init__(self, stream, int64_t seq=0, epoch=None):
+        _Codec.__init__(self, stream, seq, epoch)
         self._sym_frag = _TICKER_KEYS[0] + _dumps(stream.symbol)
         pre = envelope_prefix(self._sid)
         self._pre_snap = pre + b'snapshot","data":{'
@@ -616,13 +623,12 @@ cdef class TickerCodec(_Codec):
                     put_frag(&b, fp)
             buf_put(&b, b'}', 1)
             put_tail(&b, ts, self._seq + 1)
-            msg = buf_message(&b, self._sid, self._seq + 1, mtype, ts_o)
+            msg = buf_message(&b, self._sid, self._seq + 1, mtype, ts_o, self.epoch)
         finally:
             buf_free(&b)
         self._seq += 1
         self._fresh = False
         self._last = msg
-        self._snap = None
         return [msg]
 
 
@@ -654,18 +660,32 @@ cdef int put_tail(Buf* b, int64_t ts, int64_t seq) except -1:
     return buf_put(b, b'}', 1)
 
 
+cdef bytes _key(str key):
+    """`,"key":`, the bytes in front of a value that follows another one."""
+    return b',"' + key.encode() + b'":'
+
+
+# The kline tables as fragments: every key is copied from here, never spelled out below.
+cdef bytes _K_CLOSE_TIME = _key(KLINE_TIMES[1][1])
+cdef tuple _K_VALUE_FIELDS = tuple(_field for _field, _out in KLINE_VALUES)
+cdef tuple _K_VALUE_KEYS = tuple(_key(_out) for _field, _out in KLINE_VALUES)
+cdef Py_ssize_t _K_NVALUES = len(KLINE_VALUES)
+cdef bytes _K_TRUE = _key(KLINE_CONFIRMED[1]) + b"true}"
+cdef bytes _K_FALSE = _key(KLINE_CONFIRMED[1]) + b"false}"
+
+
 cdef class KlineCodec(_Codec):
     """One Message per candle in a Bybit kline frame, in order."""
 
     cdef bytes _pre_snap
     cdef bytes _pre_upd
 
-    def __init__(self, stream, int64_t seq=0):
-        _Codec.__init__(self, stream, seq)
+    def __init__(self, stream, int64_t seq=0, epoch=None):
+        _Codec.__init__(self, stream, seq, epoch)
         pre = envelope_prefix(self._sid)
         fixed = (
             b'","data":{"symbol":' + _dumps(stream.symbol)
-            + b',"interval":' + _dumps(stream.interval) + b',"openTime":'
+            + b',"interval":' + _dumps(stream.interval) + _key(KLINE_TIMES[0][1])
         )
         self._pre_snap = pre + b"snapshot" + fixed
         self._pre_upd = pre + b"update" + fixed
@@ -679,8 +699,9 @@ cdef class KlineCodec(_Codec):
         cdef dict cd
         cdef PyObject* sp
         cdef int64_t ts, seq
-        cdef Py_ssize_t i, n
+        cdef Py_ssize_t i, j, n
         cdef bint fresh
+        cdef str field
         cdef list out = []
         cdef Buf b
 
@@ -707,21 +728,22 @@ cdef class KlineCodec(_Codec):
                 b.n = HEAD
                 seq += 1
                 buf_bytes(&b, self._pre_snap if fresh else self._pre_upd)
-                buf_int(&b, as_ms(cd.get("start"), "start"))
-                buf_put(&b, b',"closeTime":', 13)
-                buf_int(&b, as_ms(cd.get("end"), "end"))
-                put_str_field(&b, b',"open":', 8, cd.get("open"), "open")
-                put_str_field(&b, b',"high":', 8, cd.get("high"), "high")
-                put_str_field(&b, b',"low":', 7, cd.get("low"), "low")
-                put_str_field(&b, b',"close":', 9, cd.get("close"), "close")
-                put_str_field(&b, b',"volume":', 10, cd.get("volume"), "volume")
-                put_str_field(&b, b',"turnover":', 12, cd.get("turnover"), "turnover")
-                if as_bool(cd.get("confirm"), "confirm"):
-                    buf_put(&b, b',"confirmed":true}', 18)
-                else:
-                    buf_put(&b, b',"confirmed":false}', 19)
+                field = KLINE_TIMES[0][0]
+                buf_int(&b, as_ms(cd.get(field), field))
+                buf_bytes(&b, _K_CLOSE_TIME)
+                field = KLINE_TIMES[1][0]
+                buf_int(&b, as_ms(cd.get(field), field))
+                for j in range(_K_NVALUES):
+                    field = <str>_K_VALUE_FIELDS[j]
+                    put_str_field(&b, <bytes>_K_VALUE_KEYS[j], cd.get(field), field)
+                field = KLINE_CONFIRMED[0]
+                buf_bytes(&b, _K_TRUE if as_bool(cd.get(field), field) else _K_FALSE)
                 put_tail(&b, ts, seq)
-                out.append(buf_message(&b, self._sid, seq, SNAPSHOT if fresh else UPDATE, ts_o))
+                out.append(
+                    buf_message(
+                        &b, self._sid, seq, SNAPSHOT if fresh else UPDATE, ts_o, self.epoch
+                    )
+                )
                 fresh = False
         finally:
             buf_free(&b)
@@ -729,14 +751,35 @@ cdef class KlineCodec(_Codec):
             self._seq = seq
             self._fresh = False
             self._last = out[n - 1]
-            self._snap = None
         return out
 
 
-cdef inline int put_str_field(Buf* b, const char* key, Py_ssize_t klen, object v, str what) except -1:
+cdef inline int put_str_field(Buf* b, bytes key, object v, str what) except -1:
     check_str(v, what)
-    buf_put(b, key, klen)
+    buf_bytes(b, key)
     return buf_str(b, v)
+
+
+# The trade tables as fragments, as for klines.
+cdef str _T_ID = TRADE_ID[0]
+cdef bytes _T_ID_FIRST = b'{"' + TRADE_ID[1].encode() + b'":'
+cdef bytes _T_ID_NEXT = b"," + _T_ID_FIRST
+cdef str _T_SYMBOL = TRADE_SYMBOL[0]
+cdef bytes _T_SYMBOL_KEY = _key(TRADE_SYMBOL[1])
+cdef tuple _T_VALUE_FIELDS = tuple(_field for _field, _out in TRADE_VALUES)
+cdef tuple _T_VALUE_KEYS = tuple(_key(_out) for _field, _out in TRADE_VALUES)
+cdef Py_ssize_t _T_NVALUES = len(TRADE_VALUES)
+cdef str _T_SIDE = TRADE_SIDE[0]
+cdef str _T_SIDE_ERROR = f"trade side {TRADE_SIDE[0]} must be Buy or Sell"
+# Bybit side -> `,"side":"buy","time":`: the side and the key of the time that follows it
+cdef dict _T_SIDE_FRAGS = {
+    _bybit: _key(TRADE_SIDE[1]) + _dumps(_out) + _key(TRADE_TIME[1])
+    for _bybit, _out in TRADE_SIDES.items()
+}
+cdef str _T_TIME = TRADE_TIME[0]
+cdef str _T_BLOCK = TRADE_BLOCK[0]
+cdef bytes _T_BLOCK_TRUE = _key(TRADE_BLOCK[1]) + b"true}"
+cdef bytes _T_BLOCK_FALSE = _key(TRADE_BLOCK[1]) + b"false}"
 
 
 cdef class TradeCodec(_Codec):
@@ -746,8 +789,8 @@ cdef class TradeCodec(_Codec):
     cdef bytes _pre_snap
     cdef bytes _pre_upd
 
-    def __init__(self, stream, int64_t seq=0):
-        _Codec.__init__(self, stream, seq)
+    def __init__(self, stream, int64_t seq=0, epoch=None):
+        _Codec.__init__(self, stream, seq, epoch)
         self._sym_frag = _dumps(stream.symbol)
         pre = envelope_prefix(self._sid)
         self._pre_snap = pre + b'snapshot","data":['
@@ -762,7 +805,8 @@ cdef class TradeCodec(_Codec):
         cdef dict td
         cdef PyObject* sp
         cdef int64_t ts, seq
-        cdef Py_ssize_t i, n
+        cdef Py_ssize_t i, j, n
+        cdef str field
         cdef Buf b
         cdef Message msg
 
@@ -786,41 +830,38 @@ cdef class TradeCodec(_Codec):
                 if not PyDict_CheckExact(t):
                     raise CodecError("a trade must be a JSON object")
                 td = <dict>t
-                put_str_field(&b, b'{"id":' if i == 0 else b',{"id":', 6 if i == 0 else 7,
-                              td.get("i"), "i")
-                sym = td.get("s")
-                buf_put(&b, b',"symbol":', 10)
+                put_str_field(&b, _T_ID_FIRST if i == 0 else _T_ID_NEXT, td.get(_T_ID), _T_ID)
+                sym = td.get(_T_SYMBOL)
+                buf_bytes(&b, _T_SYMBOL_KEY)
                 if sym is None:
                     buf_bytes(&b, self._sym_frag)
                 else:
-                    check_str(sym, "s")
+                    check_str(sym, _T_SYMBOL)
                     buf_str(&b, sym)
-                put_str_field(&b, b',"price":', 9, td.get("p"), "p")
-                put_str_field(&b, b',"quantity":', 12, td.get("v"), "v")
-                side = td.get("S")
-                if PyUnicode_CheckExact(side) and side == "Buy":
-                    buf_put(&b, b',"side":"buy","time":', 21)
-                elif PyUnicode_CheckExact(side) and side == "Sell":
-                    buf_put(&b, b',"side":"sell","time":', 22)
-                else:
-                    raise CodecError("trade side S must be Buy or Sell")
-                buf_int(&b, as_ms(td.get("T"), "T"))
-                block = td.get("BT")
+                for j in range(_T_NVALUES):
+                    field = <str>_T_VALUE_FIELDS[j]
+                    put_str_field(&b, <bytes>_T_VALUE_KEYS[j], td.get(field), field)
+                side = td.get(_T_SIDE)
+                sp = PyDict_GetItemWithError(_T_SIDE_FRAGS, side) if PyUnicode_CheckExact(side) else NULL
+                if sp == NULL:
+                    raise CodecError(_T_SIDE_ERROR)
+                put_frag(&b, sp)
+                buf_int(&b, as_ms(td.get(_T_TIME), _T_TIME))
+                block = td.get(_T_BLOCK)
                 if block is None:
                     buf_put(&b, b'}', 1)
-                elif as_bool(block, "BT"):
-                    buf_put(&b, b',"isBlockTrade":true}', 21)
                 else:
-                    buf_put(&b, b',"isBlockTrade":false}', 22)
+                    buf_bytes(&b, _T_BLOCK_TRUE if as_bool(block, _T_BLOCK) else _T_BLOCK_FALSE)
             if n == 0:
                 return []
             buf_put(&b, b']', 1)
             put_tail(&b, ts, seq)
-            msg = buf_message(&b, self._sid, seq, SNAPSHOT if self._fresh else UPDATE, ts_o)
+            msg = buf_message(
+                &b, self._sid, seq, SNAPSHOT if self._fresh else UPDATE, ts_o, self.epoch
+            )
         finally:
             buf_free(&b)
         self._seq = seq
         self._fresh = False
         self._last = msg
-        self._snap = None
         return [msg]

@@ -56,9 +56,12 @@ class App:
             max_topics_per_conn=config.upstream_topics_per_connection,
         )
         self.catalogue = SymbolCatalogue(rest_url or default_rest_url(ws_url))
+        # feed -> bus -> hub: the feed's output goes to the bus engine, which decides what
+        # this node's hub gets (fastproxy.bus); the hub asks the bus for streams
         self.feed = Feed(settings)
-        self.bus = await self._make_bus(self.feed)
+        self.bus = self._make_bus(self.feed)
         self.hub = Hub(self.bus, linger=config.unsubscribe_linger)
+        self.bus.attach(self.hub)
         self.server = ProxyServer(
             config,
             self.hub,
@@ -69,6 +72,7 @@ class App:
             version=__version__,
         )
         await self.catalogue.start()
+        await self.feed.start()
         await self.bus.start()
         await self.server.start()
         log.info(
@@ -83,10 +87,10 @@ class App:
             },
         )
 
-    async def _make_bus(self, feed: Feed) -> Bus:
+    def _make_bus(self, feed: Feed) -> Bus:
         if not self.config.redis_url:
             return MemoryBus(feed)
-        from fastproxy.bus.redis import RedisBus
+        from fastproxy.bus.redis.shell import RedisBus
 
         return RedisBus(feed, self.config)
 
@@ -96,7 +100,9 @@ class App:
         if self.hub is not None:
             self.hub.close()
         if self.bus is not None:
-            await self.bus.stop()
+            await self.bus.stop()  # hands owned streams over while the feed still runs
+        if self.feed is not None:
+            await self.feed.stop()
         if self.catalogue is not None:
             await self.catalogue.stop()
         if self.server is not None:
@@ -127,11 +133,13 @@ class App:
 
     def stats(self) -> dict[str, Any]:
         assert self.server and self.hub and self.feed and self.bus and self.catalogue
+        hub = self.hub.stats()
         return {
             "uptime": round(time.time() - self.started_at, 1),
             "connections": self.server.stats(),
             "upstream": self.feed.pool.status(),
-            "pubsub": self.hub.stats(),
+            "hub": hub,
+            "pubsub": hub,  # the same figures under their first name, for existing readers
             "bus": self.bus.status(),
             "feed": {
                 "streams": self.feed.stream_count,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from fastproxy.bus.redis.options import parse_redis_url
+
 BYBIT_MAINNET_WS = "wss://stream.bybit.com/v5/public/linear"
 BYBIT_TESTNET_WS = "wss://stream-testnet.bybit.com/v5/public/linear"
 
@@ -90,9 +92,7 @@ def _redis_url(raw: str) -> str:
     if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("a redis://, rediss:// or unix:// URL, or empty for one node")
     # The bus's own options (?cluster=, ?prefix=, ?ttl=) are checked here, so a bad one fails
-    # at start with one line like every other setting. Imported late: it pulls in redis-py.
-    from fastproxy.bus.redis import parse_redis_url
-
+    # at start with one line like every other setting.
     try:
         parse_redis_url(value)
     except ValueError as exc:
@@ -191,8 +191,6 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
-_BY_ENV = {s.env: s for s in SETTINGS}
-
 
 @dataclass(frozen=True)
 class Config:
@@ -269,10 +267,6 @@ def load(
             f"({values['write_buffer_soft_limit']} > {values['write_buffer_hard_limit']})"
         )
     return Config(**values)
-
-
-def setting(env: str) -> Setting:
-    return _BY_ENV[env]
 
 
 def config_from_args(

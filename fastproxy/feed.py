@@ -1,36 +1,42 @@
 """The feed: upstream topics in, Messages out. It owns the upstream pool and one codec per
-stream, and is the only place a Message is made (so `seq` is assigned exactly once).
+stream, and is the only place a Message is made (so `seq` is assigned exactly once). Its output
+goes to one Handler (fastproxy.bus): the bus engine that decided which topics it serves.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastproxy.codec import CodecError, Message, new_codec
 from fastproxy.streams import Stream, StreamError, stream_for_topic
 from fastproxy.upstream import UpstreamPool, UpstreamSettings
 
+if TYPE_CHECKING:
+    from fastproxy.bus import Handler
+
 log = logging.getLogger("fastproxy.feed")
 
 
-def _ignore_message(message: Message) -> None:
-    return None
+class _Unattached:
+    """Where output goes before a bus attaches: nowhere (nothing is subscribed yet)."""
 
+    def deliver(self, message: Message) -> None:
+        return None
 
-def _ignore_stream(stream: Stream, *rest: Any) -> None:
-    return None
+    def reset(self, stream: Stream) -> None:
+        return None
+
+    def reject(self, stream: Stream, reason: str) -> None:
+        return None
 
 
 class Feed:
     def __init__(self, settings: UpstreamSettings) -> None:
         self._codecs: dict[str, Any] = {}  # topic -> codec
         self._streams: dict[str, Stream] = {}  # topic -> stream
-        self._deliver: Callable[[Message], None] = _ignore_message
-        self._reset: Callable[[Stream], None] = _ignore_stream
-        self._reject: Callable[[Stream, str], None] = _ignore_stream
+        self._handler: Handler = _Unattached()
         self.pool = UpstreamPool(
             settings, on_data=self._on_data, on_failed=self._on_failed, on_reset=self._on_reset
         )
@@ -38,13 +44,8 @@ class Feed:
         self.codec_errors = 0
         self._last_error_log = 0.0
 
-    def attach(
-        self,
-        deliver: Callable[[Message], None],
-        reset: Callable[[Stream], None],
-        reject: Callable[[Stream, str], None],
-    ) -> None:
-        self._deliver, self._reset, self._reject = deliver, reset, reject
+    def attach(self, handler: Handler) -> None:
+        self._handler = handler
 
     async def start(self) -> None:
         await self.pool.start()
@@ -56,12 +57,13 @@ class Feed:
     def stream_count(self) -> int:
         return len(self._streams)
 
-    def add(self, stream: Stream, seq: int = 0) -> None:
-        """Own `stream`: subscribe its topic upstream. `seq` continues a numbering (failover)."""
+    def add(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
+        """Own `stream`: subscribe its topic upstream. `seq` and `epoch` continue a numbering
+        (failover); with no epoch the numbering is a new one."""
         if stream.topic in self._streams:
             return
         self._streams[stream.topic] = stream
-        self._codecs[stream.topic] = new_codec(stream, seq)
+        self._codecs[stream.topic] = new_codec(stream, seq, epoch)
         self.pool.subscribe([stream.topic])
 
     def remove(self, stream: Stream) -> None:
@@ -90,7 +92,7 @@ class Feed:
                     extra={"topic": topic, "error": str(exc), "codec_errors": self.codec_errors},
                 )
             return
-        deliver = self._deliver
+        deliver = self._handler.deliver
         for message in messages:
             deliver(message)
         self.messages_out += len(messages)
@@ -99,7 +101,7 @@ class Feed:
         codec = self._codecs.get(topic)
         if codec is not None:
             codec.reset()
-            self._reset(self._streams[topic])
+            self._handler.reset(self._streams[topic])
 
     def _on_failed(self, topic: str, reason: str) -> None:
         stream = self._streams.pop(topic, None)
@@ -110,4 +112,4 @@ class Feed:
             except StreamError:
                 return
         log.warning("upstream refused topic", extra={"topic": topic, "reason": reason})
-        self._reject(stream, reason)
+        self._handler.reject(stream, reason)

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
-from fastproxy.codec import Message, as_snapshot, ws_text_frame
+from fastproxy.codec import Message, ws_text_frame
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import KINDS, Stream
+from fastproxy.wire import LastValues
 
 log = logging.getLogger("fastproxy.hub")
 
@@ -46,15 +47,13 @@ class Hub:
         self._loop = loop
         self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers
         self._streams: dict[str, Stream] = {}  # stream_id -> Stream, for streams held here
-        self._last: dict[str, Message] = {}  # stream_id -> last delivered Message
-        self._snapshots: dict[str, Message] = {}  # stream_id -> as_snapshot(last), built lazily
+        self._values = LastValues()  # the last delivered Message of each stream held here
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
-        bus.attach(self.deliver, self.reset, self.reject)
 
     # -- subscriptions -------------------------------------------------------------------
 
@@ -109,8 +108,7 @@ class Hub:
             return  # someone came back
         self._subs.pop(sid, None)
         self._streams.pop(sid, None)
-        self._last.pop(sid, None)
-        self._snapshots.pop(sid, None)
+        self._values.forget(sid)
         self.releases += 1
         self._bus.release(stream)
 
@@ -122,14 +120,7 @@ class Hub:
     # -- delivery ------------------------------------------------------------------------
 
     def snapshot(self, stream_id: str) -> Message | None:
-        snapshot = self._snapshots.get(stream_id)
-        if snapshot is not None:
-            return snapshot
-        last = self._last.get(stream_id)
-        if last is None:
-            return None
-        snapshot = self._snapshots[stream_id] = as_snapshot(last)
-        return snapshot
+        return self._values.snapshot(stream_id)
 
     def deliver(self, message: Message) -> None:
         """Fan a Message out to the local subscribers of its stream (the bus calls this)."""
@@ -138,8 +129,7 @@ class Hub:
         if subs is None:
             return  # not held here (any more)
         self.messages_in += 1
-        self._last[sid] = message
-        self._snapshots.pop(sid, None)
+        self._values.put(message)
         if not subs:
             return
         frame = message.frame
@@ -180,16 +170,14 @@ class Hub:
 
     def reset(self, stream: Stream) -> None:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
-        self._last.pop(stream.stream_id, None)
-        self._snapshots.pop(stream.stream_id, None)
+        self._values.forget(stream.stream_id)
 
     def reject(self, stream: Stream, reason: str) -> None:
         """The exchange refused the stream: tell every local holder and drop it."""
         sid = stream.stream_id
         subs = self._subs.pop(sid, None) or set()
         self._streams.pop(sid, None)
-        self._last.pop(sid, None)
-        self._snapshots.pop(sid, None)
+        self._values.forget(sid)
         timer = self._release_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -213,9 +201,6 @@ class Hub:
 
     def holds(self, stream: Stream) -> bool:
         return stream.stream_id in self._subs
-
-    def subscriber_count(self, stream: Stream) -> int:
-        return len(self._subs.get(stream.stream_id, ()))
 
     def stats(self) -> dict[str, Any]:
         by_kind = dict.fromkeys(KINDS, 0)

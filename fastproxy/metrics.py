@@ -34,7 +34,7 @@ class ProxyCollector(Collector):
         s = self._snapshot()
         conns = s["connections"]
         up = s["upstream"]
-        hub = s["pubsub"]
+        hub = s["hub"]
         yield GaugeMetricFamily("fastproxy_clients", "Connected clients", value=conns["connected"])
         yield CounterMetricFamily(
             "fastproxy_client_connections",

@@ -19,23 +19,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import orjson
 import pytest
 from redis.asyncio import Redis
 
-from fastproxy.bus import lua
-from fastproxy.bus.redis import (
-    FOLLOWER,
-    LOCAL,
-    OWNER,
-    RedisBus,
-    decode_message,
-    encode_message,
-    parse_redis_url,
-)
-from fastproxy.codec import Message
+from fastproxy.bus.redis import lua
+from fastproxy.bus.redis.codec import decode_message, encode_message
+from fastproxy.bus.redis.options import parse_redis_url
+from fastproxy.bus.redis.shell import FOLLOWER, LOCAL, OWNER, RedisBus
 from fastproxy.config import Config
 from fastproxy.streams import Stream, parse_stream_arg
+from tests.bus.fakes import FakeFeed, Recorder, make_message
 from tests.conftest import free_port
 
 BTC = parse_stream_arg("ticker:BTCUSDT")
@@ -45,99 +38,13 @@ ETH = parse_stream_arg("ticker:ETHUSDT")
 # -- fakes --------------------------------------------------------------------------------
 
 
-class FakeFeed:
-    """Stands in for the upstream feed: `tick()` emits one Message per owned stream."""
-
-    def __init__(self) -> None:
-        self.seqs: dict[str, int] = {}
-        self.streams: dict[str, Stream] = {}
-        self.fresh: set[str] = set()
-        self.adds: list[tuple[str, int]] = []
-        self.removes: list[str] = []
-        self.deliver: Callable[[Message], None] = lambda m: None
-
-    def attach(self, deliver: Any, reset: Any, reject: Any) -> None:
-        self.deliver, self.reset, self.reject = deliver, reset, reject
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    @property
-    def stream_count(self) -> int:
-        return len(self.streams)
-
-    def add(self, stream: Stream, seq: int = 0) -> None:
-        if stream.topic in self.streams:
-            return
-        self.streams[stream.topic] = stream
-        self.seqs[stream.topic] = seq
-        self.fresh.add(stream.topic)
-        self.adds.append((stream.stream_id, seq))
-
-    def remove(self, stream: Stream) -> None:
-        if self.streams.pop(stream.topic, None) is not None:
-            self.seqs.pop(stream.topic)
-            self.fresh.discard(stream.topic)
-            self.removes.append(stream.stream_id)
-
-    def seq(self, stream: Stream) -> int | None:
-        return self.seqs.get(stream.topic)
-
-    def tick(self) -> None:
-        for topic, stream in list(self.streams.items()):
-            seq = self.seqs[topic] + 1
-            self.seqs[topic] = seq
-            mtype = "snapshot" if topic in self.fresh else "update"
-            self.fresh.discard(topic)
-            self.deliver(make_message(stream, seq, mtype))
-
-
-def make_message(stream: Stream, seq: int, mtype: str = "update") -> Message:
-    ts = 1_700_000_000_000 + seq
-    payload = orjson.dumps(
-        {
-            "stream": stream.stream_id,
-            "type": mtype,
-            "data": {"n": seq},
-            "timestamp": ts,
-            "source": "mudrex",
-            "seq": seq,
-        }
-    )
-    return Message(stream.stream_id, seq, mtype, ts, payload)
-
-
-class Recorder:
-    """Stands in for the hub: what was delivered, per stream."""
-
-    def __init__(self) -> None:
-        self.got: dict[str, list[Message]] = {}
-        self.resets: list[str] = []
-        self.rejects: list[tuple[str, str]] = []
-
-    def deliver(self, message: Message) -> None:
-        self.got.setdefault(message.stream_id, []).append(message)
-
-    def reset(self, stream: Stream) -> None:
-        self.resets.append(stream.stream_id)
-
-    def reject(self, stream: Stream, reason: str) -> None:
-        self.rejects.append((stream.stream_id, reason))
-
-    def seqs(self, stream: Stream) -> list[int]:
-        return [m.seq for m in self.got.get(stream.stream_id, [])]
-
-
 class Node:
     def __init__(self, url: str, max_connections: int = 10, name: str = "") -> None:
         self.feed = FakeFeed()
         self.hub = Recorder()
         config = Config(redis_url=url, redis_max_connections=max_connections)
         self.bus = RedisBus(self.feed, config, node_id=name or None)  # type: ignore[arg-type]
-        self.bus.attach(self.hub.deliver, self.hub.reset, self.hub.reject)
+        self.bus.attach(self.hub)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -245,10 +152,10 @@ def test_url_options_are_split_off_and_the_rest_kept() -> None:
 
 
 def test_wire_form_round_trips_without_json() -> None:
-    message = make_message(BTC, 41, "update")
+    message = make_message(BTC, 41, "update", "3f2a9c01d4e5")
     back = decode_message(BTC.stream_id, encode_message(message))
     assert back == message
-    assert back.frame == message.frame
+    assert back.frame == message.frame and back.epoch == "3f2a9c01d4e5"
 
 
 # -- the Lua scripts ------------------------------------------------------------------------
@@ -300,7 +207,7 @@ async def test_interest_counts_stay_exact_under_concurrent_hold_and_leave(
         await asyncio.gather(*(churn(w) for w in range(24)))
         expected = {n.encode() for n, held in holding.items() if held}
         assert await interest_members(clients[0], prefix, BTC) == expected
-        _, _, count = await scripts[0].hold("observer")
+        _, _, count, _ = await scripts[0].hold("observer")
         assert count == len(expected) + 1
     finally:
         for c in clients:
@@ -332,7 +239,7 @@ async def test_dead_node_interest_expires_with_no_cleanup(redis: Redis, prefix: 
     await asyncio.sleep(0.5)
     # nobody removed "dead": its entry simply stopped counting, and its lease lapsed
     assert await interest_members(redis, prefix, BTC) == {b"alive"}
-    owner, _, count = await s.hold("alive", ttl_ms=60_000)
+    owner, _, count, _ = await s.hold("alive", ttl_ms=60_000)
     assert (owner, count) == (b"alive", 1)
 
 
@@ -342,7 +249,7 @@ async def test_lease_is_kept_while_others_hold_and_released_by_the_last(
     s = Scripts(redis, prefix, BTC)
     assert (await s.hold("a"))[0] == b"a"
     assert (await s.hold("b"))[0] == b"a"
-    assert await s.publish("a", "5", b"blob5") == 1
+    assert await s.publish("a", "5", "e1", b"blob5") == 1
     # the owner's clients left, but b still holds the stream: a keeps owning it for b
     assert await s.leave("a") == [b"a", 1]
     assert await redis.get(s.keys[1]) == b"a"
@@ -350,9 +257,9 @@ async def test_lease_is_kept_while_others_hold_and_released_by_the_last(
     assert await s.leave("a") == [b"", 0]
     assert await redis.get(s.keys[1]) is None
     # numbering survives, the stale state does not
-    assert await redis.hgetall(s.keys[2]) == {b"seq": b"5"}
-    owner, seq, _ = await s.hold("c")
-    assert (owner, seq) == (b"c", b"5")
+    assert await redis.hgetall(s.keys[2]) == {b"seq": b"5", b"epoch": b"e1"}
+    owner, seq, _, epoch = await s.hold("c")
+    assert (owner, seq, epoch) == (b"c", b"5", b"e1")
 
 
 async def test_publish_is_fenced_by_the_lease(redis: Redis, prefix: str) -> None:
@@ -360,17 +267,17 @@ async def test_publish_is_fenced_by_the_lease(redis: Redis, prefix: str) -> None
     await s.hold("a")
     pubsub = redis.pubsub()
     await pubsub.subscribe(s.channel)
-    assert await s.publish("a", "1", b"one", "2", b"two", "", b"marker") == 1
-    assert await s.publish("b", "3", b"three") == 0
-    assert await redis.hgetall(s.keys[2]) == {b"seq": b"2", b"msg": b"two"}
+    assert await s.publish("a", "1", "e1", b"one", "2", "e1", b"two", "", "", b"marker") == 1
+    assert await s.publish("b", "3", "e2", b"three") == 0
+    assert await redis.hgetall(s.keys[2]) == {b"seq": b"2", b"epoch": b"e1", b"msg": b"two"}
     got = []
     while len(got) < 3:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
         if message is not None:
             got.append(message["data"])
     assert got == [b"one", b"two", b"marker"]
-    assert await s.publish("a", "4", b"four", "-", b"reset") == 1
-    assert await redis.hgetall(s.keys[2]) == {b"seq": b"4"}
+    assert await s.publish("a", "4", "e1", b"four", "-", "", b"reset") == 1
+    assert await redis.hgetall(s.keys[2]) == {b"seq": b"4", b"epoch": b"e1"}
     await pubsub.aclose()
 
 
@@ -538,6 +445,7 @@ async def test_graceful_stop_hands_over_at_once(redis_url: str, prefix: str) -> 
         await until(lambda: a.bus.role(BTC) == OWNER)
         b.bus.acquire(BTC)
         await until(lambda: len(b.hub.seqs(BTC)) >= 5)
+        epoch = a.feed.epochs[BTC.topic]
         await a.bus.stop()
         a.feed.streams.clear()
         # a 30 s TTL: only the handover marker can make this quick
@@ -546,6 +454,9 @@ async def test_graceful_stop_hands_over_at_once(redis_url: str, prefix: str) -> 
         await until(lambda: len(b.hub.seqs(BTC)) >= count + 10)
         seqs = b.hub.seqs(BTC)
         assert seqs == sorted(set(seqs))
+        # the new owner continued the stored numbering: the same seq line, the same epoch
+        assert b.feed.epochs[BTC.topic] == epoch
+        assert {m.epoch for m in b.hub.got[BTC.stream_id]} == {epoch}
 
 
 async def test_a_node_subscribes_only_to_the_streams_its_clients_hold(
@@ -628,11 +539,11 @@ async def test_owner_reset_and_rejection_reach_every_holder(
         await until(lambda: a.bus.role(BTC) == OWNER)
         b.bus.acquire(BTC)
         await until(lambda: len(b.hub.seqs(BTC)) >= 5)
-        a.feed.reset(BTC)  # the owner's upstream connection was re-established
+        a.feed.handler.reset(BTC)  # the owner's upstream connection was re-established
         await until(lambda: b.hub.resets == [BTC.stream_id], what="reset relayed")
         # the exchange refuses the topic: the real feed drops it, then reports it
         a.feed.remove(BTC)
-        a.feed.reject(BTC, "topic unknown")
+        a.feed.handler.reject(BTC, "topic unknown")
         await until(lambda: b.hub.rejects == [(BTC.stream_id, "topic unknown")])
         assert a.hub.rejects == [(BTC.stream_id, "topic unknown")]
         await until(lambda: not a.bus._states and not b.bus._states, what="stream forgotten")

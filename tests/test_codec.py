@@ -467,7 +467,7 @@ def test_late_joiner_snapshot_then_next_seq(impl: tuple) -> None:
     codec.feed(frames(BTC_SNAPSHOT))
     [last] = codec.feed(frames(BTC_DELTA))
     snap = codec.snapshot()
-    assert snap is codec.snapshot()  # built once per state change
+    assert snap == codec.snapshot()  # the hub caches it (tests/test_hub.py)
     assert (snap.type, snap.seq, snap.ts) == ("snapshot", 102, last.ts)
     assert check_frame(snap)["data"] == check_frame(last)["data"]
     [nxt] = codec.feed(frames(BTC_DELTA_MARK))
@@ -615,7 +615,7 @@ def test_malformed_frame_raises_and_changes_nothing(impl: tuple, topic: str, bad
     with pytest.raises(CodecError):
         codec.feed(bad)
     assert codec.seq == first[-1].seq
-    assert codec.snapshot() is snap
+    assert codec.snapshot() == snap
     after, expected = codec.feed(GOOD[topic]), twin.feed(GOOD[topic])
     assert [m.payload for m in after] == [m.payload for m in expected]
 
@@ -645,6 +645,28 @@ def test_message_builds_its_frame() -> None:
         clone = pickle.loads(pickle.dumps(msg))
         assert clone == msg and type(clone) is cls
         assert "seq=3" in repr(msg)
+        assert msg.epoch == ""
+        dated = cls("mudrex.futures.trade.X", 3, "update", 7, b"{}", None, "e1")
+        assert dated.epoch == "e1" and dated != msg
+        assert pickle.loads(pickle.dumps(dated)).epoch == "e1"
+
+
+def test_codec_numbers_within_an_epoch(impl: tuple) -> None:
+    codec = make(impl, "publicTrade.BTCUSDT")
+    other = make(impl, "publicTrade.BTCUSDT")
+    assert isinstance(codec.epoch, str) and codec.epoch
+    assert codec.epoch != other.epoch  # a new numbering, a new epoch
+    first = codec.feed(frames(TRADE_TESTNET))[0]
+    codec.reset()  # the numbering continues: same epoch
+    second = codec.feed(frames(TRADE_DOCS))[0]
+    assert first.epoch == second.epoch == codec.epoch
+    assert (first.seq, second.seq) == (1, 2)
+    assert codec.snapshot().epoch == codec.epoch
+    stream = stream_for_topic("publicTrade.BTCUSDT")
+    taken_over = impl[0][stream.kind](stream, 41, "stored-epoch")  # failover continues a line
+    [msg] = taken_over.feed(frames(TRADE_DOCS))
+    assert (msg.seq, msg.epoch, taken_over.epoch) == (42, "stored-epoch", "stored-epoch")
+    assert as_snapshot(msg).epoch == "stored-epoch"
 
 
 def test_as_snapshot_keeps_seq_and_data(impl: tuple) -> None:
@@ -679,6 +701,13 @@ def test_new_codec_uses_selected_implementation() -> None:
     msg = new_codec(stream_for_topic("publicTrade.BTCUSDT")).feed(frames(TRADE_DOCS))[0]
     assert isinstance(msg, Message)
     assert ws_text_frame(b"ab") == b"\x81\x02ab"
+
+
+@needs_ext
+def test_extension_imports_on_its_own() -> None:
+    code = "import fastproxy.codec._codec as ext; print(ext.TickerCodec.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "TickerCodec"
 
 
 def test_fastproxy_pure_env_selects_python() -> None:

@@ -20,7 +20,7 @@ from fastproxy.codec import (
     cy_ws_text_frame,
     py_ws_text_frame,
 )
-from fastproxy.codec._common import TICKER_FIELDS
+from fastproxy.codec.tables import TICKER_FIELDS
 from fastproxy.streams import stream_for_topic
 
 if not CYTHON_AVAILABLE and os.environ.get("FASTPROXY_REQUIRE_EXT") == "1":
@@ -250,6 +250,7 @@ def fields(message: object) -> tuple:
         message.ts,
         message.payload,
         message.frame,
+        message.epoch,
     )
 
 
@@ -261,20 +262,20 @@ def outcome(codec: object, op: str, arg: object) -> object:
         return None if snap is None else fields(snap)
     try:
         return [fields(m) for m in codec.feed(arg)]
-    except CodecError:
-        return "CodecError"
+    except CodecError as exc:
+        return f"CodecError: {exc}"  # the same refusal, with the same words
 
 
 def run_both(topic: str, start_seq: int, script: list) -> None:
     stream = stream_for_topic(topic)
-    pure = PY_CODECS[stream.kind](stream, start_seq)
-    cy = CY_CODECS[stream.kind](stream, start_seq)
+    pure = PY_CODECS[stream.kind](stream, start_seq, "e")
+    cy = CY_CODECS[stream.kind](stream, start_seq, "e")
     for op, arg in script:
         expected = outcome(pure, op, arg)
         got = outcome(cy, op, arg)
         assert got == expected, (op, arg)
         if op == "feed":
-            event("CodecError" if expected == "CodecError" else f"{len(expected)} messages")
+            event("CodecError" if isinstance(expected, str) else f"{len(expected)} messages")
         assert cy.seq == pure.seq
         if isinstance(expected, list):
             for message in expected:

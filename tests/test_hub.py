@@ -39,8 +39,8 @@ class FakeBus:
         self.acquired: list[Stream] = []
         self.released: list[Stream] = []
 
-    def attach(self, deliver: Any, reset: Any, reject: Any) -> None:
-        self.deliver, self.reset, self.reject = deliver, reset, reject
+    def attach(self, handler: Any) -> None:
+        self.handler = handler
 
     def acquire(self, stream: Stream) -> None:
         self.acquired.append(stream)

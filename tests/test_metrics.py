@@ -11,7 +11,7 @@ def snapshot(bus: dict) -> dict:
             "drops": {"slow_client": 2},
         },
         "upstream": {"connected": 1, "topics": {"live": 4}, "reconnects": 1, "messages_in": 9},
-        "pubsub": {"streams": 4, "deliveries": 12, "subscriptions_by_kind": {"ticker": 4}},
+        "hub": {"streams": 4, "deliveries": 12, "subscriptions_by_kind": {"ticker": 4}},
         "feed": {"codec_errors": 0},
         "bus": bus,
     }

@@ -223,7 +223,7 @@ async def test_subscription_and_connection_limits() -> None:
             reply = await subscribe(a, "ticker:ETHUSDT", "ticker:SOLUSDT")
             assert reply["op"] == "error" and reply["code"] == "LIMIT_EXCEEDED"
             stats = (await http_json(app, "/stats"))[1]
-            assert stats["pubsub"]["subscriptions"] == 1  # nothing of the refused request
+            assert stats["hub"]["subscriptions"] == 1  # nothing of the refused request
             third = await RawClient(app.port).connect()
             assert b" 101 " in third.status_line
             assert await third.read_until_close() == 4003
@@ -306,10 +306,11 @@ async def test_http_endpoints() -> None:
             assert status == 200 and body["status"] == "healthy"
             assert body["connections"] == 1 and "upstream" in body and "bus" in body
             status, stats = await http_json(app, "/stats")
-            assert {"connections", "upstream", "pubsub"} <= set(stats)
+            assert {"connections", "upstream", "hub"} <= set(stats)
             assert stats["connections"]["messages_sent"] > 0
-            assert stats["pubsub"]["subscriptions_by_kind"]["ticker"] == 1
-            assert stats["pubsub"]["subscriptions_by_kind"]["trade"] == 1
+            assert stats["hub"]["subscriptions_by_kind"]["ticker"] == 1
+            assert stats["hub"]["subscriptions_by_kind"]["trade"] == 1
+            assert stats["pubsub"] == stats["hub"]  # the old name still reads the same
             status, text = await asyncio.to_thread(_get_text, app.port, "/metrics")
             assert status == 200 and "fastproxy_clients 1.0" in text
         status, _ = await http_json(app, "/nope")

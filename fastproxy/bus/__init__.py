@@ -1,7 +1,20 @@
 """The bus: where Messages go between the node that owns an upstream topic and the hubs that
-serve it. One interface, two engines: memory (one node owns every topic) and Redis (cluster).
+serve it. One contract, several engines: memory (one node owns every topic) and Redis
+(cluster); every engine passes the same conformance suite (tests/bus/test_contract.py).
 
-The hub and the feed do not know which engine runs.
+The parts, wired by fastproxy.app:
+
+    feed ──Handler──► bus engine ──Handler──► hub
+                      (Delivery: the rules)
+
+`Handler` is the one interface Messages and stream events travel through, at both ends: the
+feed hands its output to the engine's, and the engine hands the hub (which is a Handler) what
+its clients should see. Every engine passes what reaches the hub through a `Delivery`, so the
+delivery rules are the same on one node and in a cluster: each seq once, a jump in seq
+delivered as a snapshot, a stream's first delivery after it is acquired a snapshot.
+
+An engine starts and stops only its own connections; the feed is started and stopped by the
+app, around the bus.
 """
 
 from __future__ import annotations
@@ -9,36 +22,85 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from fastproxy.codec import Message
+from fastproxy.bus.delivery import Delivery
+from fastproxy.bus.memory import MemoryBus
 from fastproxy.streams import Stream
+from fastproxy.wire import Message
 
-DeliverFn = Callable[[Message], None]
-ResetFn = Callable[[Stream], None]
-RejectFn = Callable[[Stream, str], None]
+
+class Handler(Protocol):
+    """Where a stream's Messages and events go: from the feed to the bus, from the bus to the
+    hub."""
+
+    def deliver(self, message: Message) -> None:
+        """One Message of a stream, in seq order."""
+
+    def reset(self, stream: Stream) -> None:
+        """The stream's upstream state was lost; its next Message is a snapshot."""
+
+    def reject(self, stream: Stream, reason: str) -> None:
+        """The exchange refused the stream: it is dropped, and its holders must be told."""
+
+
+class Source(Protocol):
+    """What an engine needs of the feed: where the node's own Messages come from."""
+
+    @property
+    def stream_count(self) -> int: ...
+
+    def attach(self, handler: Handler) -> None:
+        """The engine takes the feed's output (its Messages, resets, rejections)."""
+
+    def add(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
+        """Subscribe upstream; the first Message is `seq + 1`, in `epoch` (None: a new one)."""
+
+    def remove(self, stream: Stream) -> None: ...
+
+    def seq(self, stream: Stream) -> int | None:
+        """The last seq made for `stream`, None when it is not subscribed."""
+
+
+class Callbacks:
+    """A Handler made of three functions (an engine's inputs from the feed)."""
+
+    __slots__ = ("deliver", "reject", "reset")
+
+    def __init__(
+        self,
+        deliver: Callable[[Message], object],
+        reset: Callable[[Stream], object],
+        reject: Callable[[Stream, str], object],
+    ) -> None:
+        self.deliver = deliver
+        self.reset = reset
+        self.reject = reject
 
 
 class Bus(Protocol):
+    """The contract every engine keeps."""
+
     name: str
 
-    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
-        """Where Messages for streams this node holds go (the hub)."""
+    def attach(self, handler: Handler) -> None:
+        """Where Messages and events for the streams this node holds go (the hub)."""
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Open the engine's own connections (not the feed's)."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Hand over what this node owns and close the engine's connections."""
 
     def acquire(self, stream: Stream) -> None:
-        """This node's clients now hold `stream`; start delivering it."""
+        """This node's clients now hold `stream`; start delivering it (a snapshot first)."""
 
     def release(self, stream: Stream) -> None:
         """No client of this node holds `stream` any more."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]:
+        """For /stats and /health: at least `engine` and `healthy`."""
 
     @property
     def healthy(self) -> bool: ...
 
 
-from fastproxy.bus.memory import MemoryBus  # noqa: E402
-
-__all__ = ["Bus", "DeliverFn", "MemoryBus", "RejectFn", "ResetFn"]
+__all__ = ["Bus", "Callbacks", "Delivery", "Handler", "MemoryBus", "Source"]

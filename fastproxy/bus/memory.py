@@ -1,39 +1,51 @@
-"""One node alone: it owns every topic, and its feed's Messages go straight to its hub."""
+"""One node alone: it owns every topic, and its feed's Messages go straight to its hub,
+through the same delivery rules as a cluster's."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastproxy.streams import Stream
+from fastproxy.bus.delivery import Delivery
 
 if TYPE_CHECKING:
-    from fastproxy.bus import DeliverFn, RejectFn, ResetFn
-    from fastproxy.feed import Feed
+    from fastproxy.bus import Handler, Source
+    from fastproxy.streams import Stream
 
 
 class MemoryBus:
     name = "memory"
 
-    def __init__(self, feed: Feed) -> None:
+    def __init__(self, feed: Source) -> None:
         self._feed = feed
+        self._delivery = Delivery()
+        feed.attach(self._delivery)
 
-    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
-        self._feed.attach(deliver, reset, reject)
+    def attach(self, handler: Handler) -> None:
+        self._delivery.attach(handler)
 
     async def start(self) -> None:
-        await self._feed.start()
+        return None
 
     async def stop(self) -> None:
-        await self._feed.stop()
+        return None
 
     def acquire(self, stream: Stream) -> None:
+        self._delivery.hold(stream.stream_id)
         self._feed.add(stream)
 
     def release(self, stream: Stream) -> None:
+        # the feed drops the stream's codec: a later acquire starts a new numbering (epoch)
+        self._delivery.forget(stream.stream_id)
         self._feed.remove(stream)
 
     def status(self) -> dict[str, Any]:
-        return {"engine": self.name, "healthy": True, "streams_owned": self._feed.stream_count}
+        return {
+            "engine": self.name,
+            "healthy": True,
+            "streams_owned": self._feed.stream_count,
+            "duplicates_dropped": self._delivery.duplicates,
+            "gaps": self._delivery.gaps,
+        }
 
     @property
     def healthy(self) -> bool:

@@ -1,14 +1,16 @@
 """The codec: Bybit V5 public data frames in, Mudrex stream Messages out.
 
 One codec per stream keeps that stream's state (the merged ticker, the last candle, the last
-trades) and numbers its updates (`seq`). Each Message is serialized exactly once, payload and
-WebSocket frame, and then shared by every client and node.
+trades) and numbers its updates (`seq`, within the codec's `epoch`; see fastproxy.wire). Each
+Message is serialized exactly once, payload and WebSocket frame, and then shared by every client
+and node.
 
-Two implementations with byte-identical output: the Cython extension `fastproxy._codec` (built
-from ext/_codec.pyx) and the pure-Python reference in `fastproxy.codec.pure`. `new_codec` uses
-the extension when it imports and `FASTPROXY_PURE` is not `"1"`. Both concrete sets of classes
-are exported whatever the environment says, so tests can run them side by side.
-`Message` is the class of the implementation in use (`CyMessage` or `PyMessage`: the same
+Two implementations with byte-identical output: the Cython extension `fastproxy.codec._codec`
+(built from ext/_codec.pyx) and the pure-Python reference in `fastproxy.codec.pure`; both build
+their output from the key tables in `fastproxy.codec.tables`. `new_codec` uses the extension when
+it imports and `FASTPROXY_PURE` is not `"1"`. Both concrete sets of classes are exported whatever
+the environment says, so tests can run them side by side. `Message` is the class of the
+implementation in use (`CyMessage` or `PyMessage`, which is `fastproxy.wire.Message`: the same
 constructor and fields; the Cython one keeps its per-message cost down).
 
 Decisions the protocol leaves open, the same in both implementations:
@@ -24,20 +26,52 @@ Decisions the protocol leaves open, the same in both implementations:
 from __future__ import annotations
 
 import os
+from typing import Any, Protocol
 
-from fastproxy.codec._common import Codec, CodecError, as_snapshot, percent_2dp
-from fastproxy.codec._common import Message as PyMessage
-from fastproxy.codec._common import ws_text_frame as py_ws_text_frame
 from fastproxy.codec.pure import PY_CODECS, PyKlineCodec, PyTickerCodec, PyTradeCodec
+from fastproxy.codec.tables import CodecError, percent_2dp
 from fastproxy.streams import KLINE, TICKER, TRADE, Stream
+from fastproxy.wire import Message as PyMessage
+from fastproxy.wire import as_snapshot
+from fastproxy.wire import ws_text_frame as py_ws_text_frame
 
 try:
-    from fastproxy import _codec as _ext
+    from fastproxy.codec import _codec as _ext
 except ImportError as exc:  # not built here (no compiler, FASTPROXY_NO_EXT=1, ...)
     _ext = None
-    CYTHON_IMPORT_ERROR: str | None = f"fastproxy._codec not importable: {exc}"
+    CYTHON_IMPORT_ERROR: str | None = f"fastproxy.codec._codec not importable: {exc}"
 else:
     CYTHON_IMPORT_ERROR = None
+
+
+class Codec(Protocol):
+    """What `new_codec` returns, in either implementation."""
+
+    @property
+    def stream(self) -> Any: ...
+
+    @property
+    def seq(self) -> int:
+        """The last seq assigned (the start value until the first Message)."""
+        ...
+
+    @property
+    def epoch(self) -> str:
+        """The numbering this codec's Messages belong to (fastproxy.wire)."""
+        ...
+
+    def feed(self, frame: dict) -> list[Any]:
+        """Apply one parsed Bybit data frame; the Messages it makes, seq +1 each."""
+        ...
+
+    def snapshot(self) -> Any:
+        """The current state for a new subscriber, or None when nothing is known yet."""
+        ...
+
+    def reset(self) -> None:
+        """Upstream state is gone; the next Message out is a snapshot."""
+        ...
+
 
 if _ext is not None:
     CyTickerCodec = _ext.TickerCodec
@@ -68,9 +102,12 @@ else:
     ws_text_frame = py_ws_text_frame
 
 
-def new_codec(stream: Stream, seq: int = 0) -> Codec:
-    """A codec for `stream` whose next Message is `seq + 1`, from the chosen implementation."""
-    return _CODECS[stream.kind](stream, seq)
+def new_codec(stream: Stream, seq: int = 0, epoch: str | None = None) -> Codec:
+    """A codec for `stream` whose next Message is `seq + 1`, from the chosen implementation.
+
+    `epoch` continues a numbering (a cluster's stored one, on failover); None starts a new one.
+    """
+    return _CODECS[stream.kind](stream, seq, epoch)
 
 
 __all__ = [

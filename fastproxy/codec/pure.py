@@ -12,9 +12,10 @@ from typing import Any
 
 import orjson
 
-from fastproxy.codec._common import (
-    SNAPSHOT,
-    SOURCE,
+from fastproxy.codec.tables import (
+    KLINE_CONFIRMED,
+    KLINE_TIMES,
+    KLINE_VALUES,
     TICKER_ASK_PRICE,
     TICKER_ASK_SIZE,
     TICKER_BID_PRICE,
@@ -24,17 +25,20 @@ from fastproxy.codec._common import (
     TICKER_PCT,
     TICKER_SLOT,
     TICKER_SYMBOL,
+    TRADE_BLOCK,
+    TRADE_ID,
+    TRADE_SIDE,
     TRADE_SIDES,
-    UPDATE,
+    TRADE_SYMBOL,
+    TRADE_TIME,
+    TRADE_VALUES,
     CodecError,
-    Message,
-    as_snapshot,
     check_ms,
     check_str,
     percent_2dp,
-    ws_text_frame,
 )
 from fastproxy.streams import KLINE, TICKER, TRADE, Stream
+from fastproxy.wire import SNAPSHOT, SOURCE, UPDATE, Message, as_snapshot, new_epoch, ws_text_frame
 
 _dumps = orjson.dumps
 
@@ -57,32 +61,31 @@ def _frame_parts(frame: Any, data_type: type) -> tuple[Any, int]:
 
 
 class _PyCodec:
-    __slots__ = ("_fresh", "_last", "_snap", "_stream_id", "seq", "stream")
+    __slots__ = ("_fresh", "_last", "_stream_id", "epoch", "seq", "stream")
 
     kind = ""
 
-    def __init__(self, stream: Stream, seq: int = 0) -> None:
+    def __init__(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
         if stream.kind != self.kind:
             raise ValueError(f"{type(self).__name__} serves {self.kind} streams, not {stream!r}")
         self.stream = stream
         self.seq = seq
+        self.epoch = new_epoch() if epoch is None else epoch
         self._stream_id = stream.stream_id
         self._fresh = True  # the next Message out is a snapshot
         self._last: Message | None = None
-        self._snap: Message | None = None
 
     def snapshot(self) -> Message | None:
-        """The current state for a new subscriber (type snapshot, seq of its last update)."""
-        snap = self._snap
-        if snap is None and self._last is not None:
-            snap = self._snap = as_snapshot(self._last)
-        return snap
+        """The current state for a new subscriber (type snapshot, seq of its last update).
+
+        Built on each call: the node's last-value cache (the hub) keeps the one it serves.
+        """
+        return None if self._last is None else as_snapshot(self._last)
 
     def reset(self) -> None:
         """Upstream state is gone (reconnect): forget it; the next Message is a snapshot."""
         self._fresh = True
         self._last = None
-        self._snap = None
         self._clear()
 
     def _clear(self) -> None:
@@ -99,18 +102,17 @@ class _PyCodec:
                 "seq": seq,
             }
         )
-        return Message(self._stream_id, seq, mtype, ts, payload, ws_text_frame(payload))
+        return Message(self._stream_id, seq, mtype, ts, payload, ws_text_frame(payload), self.epoch)
 
     def _commit(self, messages: list[Message]) -> list[Message]:
         if messages:
             self._last = messages[-1]
-            self._snap = None
             self.seq = messages[-1].seq
             self._fresh = False
         return messages
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.stream!r}, seq={self.seq})"
+        return f"{type(self).__name__}({self.stream!r}, seq={self.seq}, epoch={self.epoch!r})"
 
 
 class PyTickerCodec(_PyCodec):
@@ -120,8 +122,8 @@ class PyTickerCodec(_PyCodec):
 
     kind = TICKER
 
-    def __init__(self, stream: Stream, seq: int = 0) -> None:
-        super().__init__(stream, seq)
+    def __init__(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
+        super().__init__(stream, seq, epoch)
         self._vals = self._empty()
 
     def _empty(self) -> list[str | None]:
@@ -188,8 +190,8 @@ class PyKlineCodec(_PyCodec):
 
     kind = KLINE
 
-    def __init__(self, stream: Stream, seq: int = 0) -> None:
-        super().__init__(stream, seq)
+    def __init__(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
+        super().__init__(stream, seq, epoch)
         self._symbol = stream.symbol
         self._interval = stream.interval
 
@@ -200,27 +202,20 @@ class PyKlineCodec(_PyCodec):
             if type(candle) is not dict:
                 raise CodecError("a kline must be a JSON object")
             get = candle.get
-            candles.append(
-                {
-                    "symbol": self._symbol,
-                    "interval": self._interval,
-                    "openTime": check_ms(get("start"), "start"),
-                    "closeTime": check_ms(get("end"), "end"),
-                    "open": check_str(get("open"), "open"),
-                    "high": check_str(get("high"), "high"),
-                    "low": check_str(get("low"), "low"),
-                    "close": check_str(get("close"), "close"),
-                    "volume": check_str(get("volume"), "volume"),
-                    "turnover": check_str(get("turnover"), "turnover"),
-                    "confirmed": _check_bool(get("confirm"), "confirm"),
-                }
-            )
+            out: dict[str, Any] = {"symbol": self._symbol, "interval": self._interval}
+            for field, key in KLINE_TIMES:
+                out[key] = check_ms(get(field), field)
+            for field, key in KLINE_VALUES:
+                out[key] = check_str(get(field), field)
+            field, key = KLINE_CONFIRMED
+            out[key] = _check_bool(get(field), field)
+            candles.append(out)
         messages = []
         seq = self.seq
         fresh = self._fresh
-        for out in candles:
+        for candle_out in candles:
             seq += 1
-            messages.append(self._message(seq, SNAPSHOT if fresh else UPDATE, ts, out))
+            messages.append(self._message(seq, SNAPSHOT if fresh else UPDATE, ts, candle_out))
             fresh = False
         return self._commit(messages)
 
@@ -232,8 +227,8 @@ class PyTradeCodec(_PyCodec):
 
     kind = TRADE
 
-    def __init__(self, stream: Stream, seq: int = 0) -> None:
-        super().__init__(stream, seq)
+    def __init__(self, stream: Stream, seq: int = 0, epoch: str | None = None) -> None:
+        super().__init__(stream, seq, epoch)
         self._symbol = stream.symbol
 
     def feed(self, frame: dict) -> list[Message]:
@@ -243,25 +238,25 @@ class PyTradeCodec(_PyCodec):
             if type(trade) is not dict:
                 raise CodecError("a trade must be a JSON object")
             get = trade.get
-            tid = check_str(get("i"), "i")
-            symbol = get("s")
-            symbol = self._symbol if symbol is None else check_str(symbol, "s")
-            price = check_str(get("p"), "p")
-            qty = check_str(get("v"), "v")
-            side = TRADE_SIDES.get(get("S")) if type(get("S")) is str else None
+            field, key = TRADE_ID
+            out: dict[str, Any] = {key: check_str(get(field), field)}
+            field, key = TRADE_SYMBOL
+            symbol = get(field)
+            out[key] = self._symbol if symbol is None else check_str(symbol, field)
+            for field, key in TRADE_VALUES:
+                out[key] = check_str(get(field), field)
+            field, key = TRADE_SIDE
+            side = get(field)
+            side = TRADE_SIDES.get(side) if type(side) is str else None
             if side is None:
-                raise CodecError("trade side S must be Buy or Sell")
-            out = {
-                "id": tid,
-                "symbol": symbol,
-                "price": price,
-                "quantity": qty,
-                "side": side,
-                "time": check_ms(get("T"), "T"),
-            }
-            block = get("BT")
+                raise CodecError(f"trade side {field} must be Buy or Sell")
+            out[key] = side
+            field, key = TRADE_TIME
+            out[key] = check_ms(get(field), field)
+            field, key = TRADE_BLOCK
+            block = get(field)
             if block is not None:  # left out rather than guessed when the exchange omits it
-                out["isBlockTrade"] = _check_bool(block, "BT")
+                out[key] = _check_bool(block, field)
             trades.append(out)
         if not trades:
             return []

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from picows import WSCloseCode, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
-from fastproxy.upstream.policy import Backoff
+from fastproxy.upstream.policy import Backoff, ConnectionBudget
 from fastproxy.upstream.protocol import ConnectionState
+from fastproxy.upstream.settings import UpstreamSettings
 
 if TYPE_CHECKING:
     from picows import WSFrame
 
-    from fastproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("fastproxy.upstream")
 
@@ -118,10 +120,34 @@ class _Listener(WSListener):
             self.handle(payload)
 
 
+class RunnerOwner(Protocol):
+    """What a Runner needs of the pool that runs it (the pool is the one implementation)."""
+
+    settings: UpstreamSettings
+    rng: random.Random
+    budget: ConnectionBudget
+    stopping: bool
+    on_data: Callable[[str, dict, int], None]
+    messages_in: int
+    bad_frames: int
+    connect_attempts: int
+    dead_detected: int
+
+    def next_generation(self) -> int: ...
+    def connection_opened(self, runner: Runner) -> None: ...
+    def connection_closed(self, runner: Runner, stale: list[str]) -> None: ...
+    def connect_failed(self, runner: Runner, reason: str) -> None: ...
+    def runner_exited(self, runner: Runner) -> None: ...
+    def retire(self, runner: Runner) -> None: ...
+    def budget_exhausted(self, wait: float) -> None: ...
+    def report_refused(self, conn: ConnectionState, failed: list[tuple[str, str]]) -> None: ...
+    def callback_failed(self, name: str, topic: str) -> None: ...
+
+
 class Runner:
     """Keeps one pooled connection up for as long as it carries topics."""
 
-    def __init__(self, pool: UpstreamPool, state: ConnectionState) -> None:
+    def __init__(self, pool: RunnerOwner, state: ConnectionState) -> None:
         self.pool = pool
         self.state = state
         settings = pool.settings

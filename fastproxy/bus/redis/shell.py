@@ -32,39 +32,38 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
-from fastproxy.bus import lua
-from fastproxy.codec import Message, as_snapshot, ws_text_frame
-from fastproxy.config import Config, ConfigError
+from fastproxy.bus import Callbacks
+from fastproxy.bus.delivery import Delivery
+from fastproxy.bus.redis import lua
+from fastproxy.bus.redis.codec import (
+    KIND_HANDOVER,
+    KIND_MESSAGE,
+    KIND_REJECT,
+    KIND_RESET,
+    decode_message,
+    encode_marker,
+    encode_message,
+    marker_text,
+)
+from fastproxy.bus.redis.options import parse_redis_url, with_host, without_db
+from fastproxy.codec import Message
+from fastproxy.config import Config
 from fastproxy.streams import Stream
 
 if TYPE_CHECKING:
-    from fastproxy.bus import DeliverFn, RejectFn, ResetFn
-    from fastproxy.feed import Feed
+    from fastproxy.bus import Handler, Source
 
 log = logging.getLogger("fastproxy.bus")
 _T = TypeVar("_T")
-
-# Wire form of everything on a channel and of the stored Message: a fixed binary header, then
-# the payload (or a marker's text). Rebuilding a Message needs no JSON parsing.
-_HDR = struct.Struct(">BBqq")  # kind, type, seq, ts
-KIND_MESSAGE = 0
-KIND_RESET = 1  # the owner's upstream state was lost; the next Message is a snapshot
-KIND_REJECT = 2  # the exchange refused the stream; body: the reason
-KIND_HANDOVER = 3  # the owner gave the lease up while others hold the stream: elect now
-_TYPES = ("update", "snapshot")
-_TYPE_CODES = {"update": 0, "snapshot": 1}
 
 # Roles of a stream on this node.
 NONE = "none"  # nothing to do with it (waiting for an election result, or being forgotten)
@@ -76,68 +75,6 @@ _KEEP_LAST_MS = 24 * 3600 * 1000  # stored seq outlives a quiet stream so number
 _QUEUE_MAX = 20000
 _BUFFER_MAX = 4096
 _PIPELINE_MAX = 2000
-
-
-def encode_message(message: Message) -> bytes:
-    """A Message as the channel carries it and the stored latest state keeps it."""
-    return (
-        _HDR.pack(KIND_MESSAGE, _TYPE_CODES[message.type], message.seq, message.ts)
-        + message.payload
-    )
-
-
-def decode_message(stream_id: str, data: bytes) -> Message:
-    _, code, seq, ts = _HDR.unpack_from(data)
-    payload = data[_HDR.size :]
-    return Message(stream_id, seq, _TYPES[code], ts, payload, ws_text_frame(payload))
-
-
-def encode_marker(kind: int, text: str = "") -> bytes:
-    return _HDR.pack(kind, 0, 0, 0) + text.encode()
-
-
-@dataclass(frozen=True)
-class BusOptions:
-    cluster: bool | None = None  # None: ask the server
-    prefix: str = "fp"
-    ttl: float = 10.0
-
-
-def parse_redis_url(url: str) -> tuple[str, BusOptions]:
-    """Split the bus's own options off a Redis URL: (URL for redis-py, options).
-
-    Raises ConfigError (a ValueError) naming REDIS_URL and the option for a bad value.
-    """
-    parts = urlsplit(url)
-    keep: list[tuple[str, str]] = []
-    cluster: bool | None = None
-    prefix, ttl = BusOptions.prefix, BusOptions.ttl
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "cluster":
-            choice = value.strip().lower()
-            if choice in ("1", "yes", "true", "on"):
-                cluster = True
-            elif choice in ("0", "no", "false", "off"):
-                cluster = False
-            elif choice not in ("", "auto"):
-                raise ConfigError(f"REDIS_URL option cluster={value!r}: expected yes, no or auto")
-        elif name == "prefix":
-            if not value or any(c in value for c in "{} \t\r\n"):
-                raise ConfigError(
-                    f"REDIS_URL option prefix={value!r}: expected a non-empty name without braces"
-                )
-            prefix = value
-        elif name == "ttl":
-            try:
-                ttl = float(value)
-            except ValueError:
-                ttl = 0.0
-            if not 1.0 <= ttl <= 3600.0:
-                raise ConfigError(f"REDIS_URL option ttl={value!r}: expected 1 to 3600 seconds")
-        else:
-            keep.append((name, value))
-    stripped = urlunsplit(parts._replace(query=urlencode(keep)))
-    return stripped, BusOptions(cluster, prefix, ttl)
 
 
 class _StreamState:
@@ -152,10 +89,8 @@ class _StreamState:
         "k_interest",
         "k_last",
         "k_lease",
-        "last_seq",
         "rebase",
         "reject_reason",
-        "resync",
         "role",
         "sid",
         "stream",
@@ -172,8 +107,6 @@ class _StreamState:
         self.channel = f"{tag}:ch".encode()
         self.held = False  # local clients hold it
         self.role = NONE
-        self.last_seq: int | None = None  # last seq delivered to the hub (dedupe)
-        self.resync = False  # the next delivery is a snapshot whatever its seq
         self.rebase = False  # the coming stored snapshot starts a new seq line here
         self.buffer: list[Message] | None = None  # channel Messages held until the snapshot
         self.sub: _Subscriber | None = None  # the pub/sub connection carrying its channel
@@ -289,7 +222,7 @@ class RedisBus:
 
     name = "redis"
 
-    def __init__(self, feed: Feed, config: Config, *, node_id: str | None = None) -> None:
+    def __init__(self, feed: Source, config: Config, *, node_id: str | None = None) -> None:
         self._feed = feed
         self._url, self.options = parse_redis_url(config.redis_url)
         self.ttl = self.options.ttl
@@ -304,9 +237,9 @@ class RedisBus:
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self._node = self.node_id.encode()
         self._k_nodes = f"{self.prefix}:nodes"
-        self._deliver: DeliverFn = _ignore
-        self._reset: ResetFn = _ignore
-        self._reject: RejectFn = _ignore
+        # what reaches the hub passes the delivery rules every engine shares
+        self._delivery = Delivery()
+        feed.attach(Callbacks(self._on_feed_message, self._on_feed_reset, self._on_feed_reject))
         self._states: dict[str, _StreamState] = {}
         self._dirty: set[str] = set()  # streams whose interest/lease need a script this pass
         self._fetch: set[str] = set()  # followers whose subscription is confirmed: snapshot
@@ -326,8 +259,6 @@ class RedisBus:
         self.publish_dropped = 0
         self.publish_fenced = 0
         self.received = 0
-        self.duplicates = 0
-        self.gaps = 0
         self.leases_won = 0
         self.leases_lost = 0
         self.redis_errors = 0
@@ -336,12 +267,10 @@ class RedisBus:
 
     # -- the Bus interface ---------------------------------------------------------------
 
-    def attach(self, deliver: DeliverFn, reset: ResetFn, reject: RejectFn) -> None:
-        self._deliver, self._reset, self._reject = deliver, reset, reject
-        self._feed.attach(self._on_feed_message, self._on_feed_reset, self._on_feed_reject)
+    def attach(self, handler: Handler) -> None:
+        self._delivery.attach(handler)
 
     async def start(self) -> None:
-        await self._feed.start()
         try:
             await self._connect()
         except Exception as exc:  # a node starts and serves even when Redis is down
@@ -361,7 +290,6 @@ class RedisBus:
             except Exception as exc:
                 log.warning("could not hand streams over on stop", extra={"error": repr(exc)})
         await self._drop_connections()
-        await self._feed.stop()
 
     async def _halt(self) -> None:
         """Stop the background tasks: they see `_stopping` and leave at their next step.
@@ -391,7 +319,7 @@ class RedisBus:
         st.held = True
         # the hub has no state for a stream it did not hold: whatever comes next (a kept
         # subscription's update, an owner's update) goes to it as a snapshot
-        st.resync = True
+        self._delivery.hold(st.sid)
         if self._healthy:
             self._mark(st)
         elif st.role == NONE:
@@ -402,6 +330,7 @@ class RedisBus:
         if st is None or not st.held:
             return
         st.held = False
+        self._delivery.unhold(st.sid)
         if st.role == FOLLOWER:
             st.role = NONE
             st.buffer = None
@@ -411,7 +340,7 @@ class RedisBus:
         if self._healthy:
             self._mark(st)  # drop our interest; an owner decides whether to keep the lease
         elif st.role == NONE and st.sub is None:
-            del self._states[st.sid]  # our interest lapses with its TTL
+            self._forget(st)  # our interest lapses with its TTL
 
     def status(self) -> dict[str, Any]:
         roles = dict.fromkeys((OWNER, FOLLOWER, LOCAL), 0)
@@ -433,8 +362,8 @@ class RedisBus:
             "publish_dropped": self.publish_dropped,
             "publish_fenced": self.publish_fenced,
             "received": self.received,
-            "duplicates_dropped": self.duplicates,
-            "gaps": self.gaps,
+            "duplicates_dropped": self._delivery.duplicates,
+            "gaps": self._delivery.gaps,
             "leases_won": self.leases_won,
             "leases_lost": self.leases_lost,
             "redis_errors": self.redis_errors,
@@ -462,10 +391,10 @@ class RedisBus:
             return
         role = st.role
         if role is OWNER:
-            if self._accept(st, message) and self._healthy:
+            if self._delivery.deliver(message) and self._healthy:
                 self._enqueue(st, message)
         elif role is LOCAL:
-            self._accept(st, message)
+            self._delivery.deliver(message)
 
     def _on_channel_data(self, st: _StreamState, data: bytes) -> None:
         kind = data[0]
@@ -476,35 +405,18 @@ class RedisBus:
             message = decode_message(st.sid, data)
             buffer = st.buffer
             if buffer is None:
-                self._accept(st, message)
+                self._delivery.deliver(message)
             elif len(buffer) < _BUFFER_MAX:
                 buffer.append(message)
             return
         if kind == KIND_RESET:
-            if st.held and st.role is FOLLOWER:
-                self._reset(st.stream)
+            if st.role is FOLLOWER:
+                self._delivery.reset(st.stream)
         elif kind == KIND_REJECT:
             if st.role is FOLLOWER:
-                self._rejected(st, data[_HDR.size :].decode(errors="replace"))
+                self._rejected(st, marker_text(data))
         elif kind == KIND_HANDOVER and st.held:
             self._mark(st)  # the lease is free: stand for election now
-
-    def _accept(self, st: _StreamState, message: Message) -> bool:
-        """Deliver unless already delivered; a jump in seq goes out as a snapshot."""
-        last = st.last_seq
-        seq = message.seq
-        if last is not None and seq <= last:
-            self.duplicates += 1
-            return False
-        if st.resync or (last is not None and seq != last + 1):
-            if not st.resync:
-                self.gaps += 1
-            st.resync = False
-            message = as_snapshot(message)
-        st.last_seq = seq
-        if st.held:
-            self._deliver(message)
-        return True
 
     def _enqueue(self, st: _StreamState, item: Any) -> None:
         queue = self._queue
@@ -515,13 +427,13 @@ class RedisBus:
             self._pub_wake.set()
 
     def _on_feed_reset(self, stream: Stream) -> None:
-        self._reset(stream)
+        self._delivery.reset(stream)
         st = self._states.get(stream.stream_id)
         if st is not None and st.role is OWNER and self._healthy:
-            self._enqueue(st, ("-", encode_marker(KIND_RESET)))
+            self._enqueue(st, ("-", "", encode_marker(KIND_RESET)))
 
     def _on_feed_reject(self, stream: Stream, reason: str) -> None:
-        self._reject(stream, reason)
+        self._delivery.reject(stream, reason)
         st = self._states.get(stream.stream_id)
         if st is None:
             return
@@ -531,7 +443,7 @@ class RedisBus:
         st.buffer = None
         if not self._healthy:
             if st.sub is None:
-                del self._states[st.sid]
+                self._forget(st)
             return
         if was_owner:
             st.reject_reason = reason
@@ -540,7 +452,9 @@ class RedisBus:
     def _rejected(self, st: _StreamState, reason: str) -> None:
         """The owner's exchange refused the stream: our clients are told, as the owner's are."""
         if st.held:
-            self._reject(st.stream, reason)
+            self._delivery.reject(st.stream, reason)
+        else:
+            self._delivery.forget(st.sid)
         st.held = False
         st.role = NONE
         st.buffer = None
@@ -573,6 +487,10 @@ class RedisBus:
 
     # -- roles ----------------------------------------------------------------------------
 
+    def _forget(self, st: _StreamState) -> None:
+        del self._states[st.sid]
+        self._delivery.forget(st.sid)
+
     def _mark(self, st: _StreamState) -> None:
         self._dirty.add(st.sid)
         self._wake.set()
@@ -581,23 +499,25 @@ class RedisBus:
         """Degraded: this node subscribes upstream for its own clients."""
         st.buffer = None
         if st.role is not OWNER and st.role is not LOCAL:
-            self._feed.add(st.stream, st.last_seq or 0)
+            self._feed.add(st.stream, self._delivery.last_seq(st.sid) or 0)
         st.role = LOCAL
 
-    def _become_owner(self, st: _StreamState, stored_seq: int) -> None:
+    def _become_owner(self, st: _StreamState, stored_seq: int, stored_epoch: str) -> None:
         # Continue the numbering past anything published or delivered: dedupe by seq must
-        # never swallow the new owner's Messages on any node.
-        base = max(stored_seq, st.last_seq or 0)
+        # never swallow the new owner's Messages on any node. Continuing the stored line
+        # exactly keeps its epoch too; going past it starts a new one.
+        base = max(stored_seq, self._delivery.last_seq(st.sid) or 0)
+        epoch = stored_epoch if stored_epoch and base == stored_seq else None
         if st.role is LOCAL:
             current = self._feed.seq(st.stream)
             if current is None:
-                self._feed.add(st.stream, base)
+                self._feed.add(st.stream, base, epoch)
             elif current < stored_seq:
                 # our degraded-mode line is behind what the cluster saw: restart it past that
                 self._feed.remove(st.stream)
-                self._feed.add(st.stream, base)
+                self._feed.add(st.stream, base, epoch)
         elif st.role is not OWNER:
-            self._feed.add(st.stream, base)
+            self._feed.add(st.stream, base, epoch)
         st.role = OWNER
         st.buffer = None
         self.leases_won += 1
@@ -608,10 +528,12 @@ class RedisBus:
         self._feed.remove(st.stream)
         st.role = NONE
 
-    def _apply_hold(self, st: _StreamState, owner: bytes, stored_seq: int) -> None:
+    def _apply_hold(
+        self, st: _StreamState, owner: bytes, stored_seq: int, stored_epoch: str
+    ) -> None:
         if owner == self._node:
             if st.role is not OWNER:
-                self._become_owner(st, stored_seq)
+                self._become_owner(st, stored_seq, stored_epoch)
             return
         if st.role is OWNER or st.role is LOCAL:
             self._lose_ownership(st)
@@ -642,17 +564,18 @@ class RedisBus:
         if st.role is not FOLLOWER or st.buffer is None or st.confirms:
             return
         buffered, st.buffer = st.buffer, None
+        delivery = self._delivery
         if st.rebase:
             st.rebase = False
-            st.last_seq = None
-            st.resync = True
+            delivery.rebase(st.sid)
         if blob:
             stored = decode_message(st.sid, blob)
-            if st.last_seq is None or stored.seq > st.last_seq:
-                st.resync = True
-                self._accept(st, stored)
+            last = delivery.last_seq(st.sid)
+            if last is None or stored.seq > last:
+                delivery.resync(st.sid)
+                delivery.deliver(stored)
         for message in buffered:
-            self._accept(st, message)
+            delivery.deliver(message)
 
     # -- control: interest, leases, subscriptions ----------------------------------------
 
@@ -738,7 +661,7 @@ class RedisBus:
                 and st.sid not in self._dirty
                 and states.get(st.sid) is st
             ):
-                del states[st.sid]
+                self._forget(st)
 
     async def _run_calls(
         self, calls: list[tuple[str, _StreamState | None, tuple[Any, ...]]]
@@ -779,8 +702,8 @@ class RedisBus:
                 continue
             assert st is not None
             if kind == "hold":
-                owner, seq, _count = result
-                self._apply_hold(st, owner, int(seq))
+                owner, seq, _count, epoch = result
+                self._apply_hold(st, owner, int(seq), epoch.decode())
             elif kind == "leave":
                 self._apply_leave(st, result[0])
             else:
@@ -824,7 +747,7 @@ class RedisBus:
             return sub
         if self._cluster:
             node = self._client.get_node(node_name=name)
-            url = _with_host(self._url, node.host, node.port)
+            url = with_host(self._url, node.host, node.port)
         else:
             url = self._url
         client = Redis.from_url(url, **self._connection_options(retries=0))
@@ -885,7 +808,7 @@ class RedisBus:
             args: list[Any] = [self._node, command, st.channel, keep]
             for item in items:
                 if isinstance(item, Message):
-                    args += (str(item.seq), encode_message(item))
+                    args += (str(item.seq), item.epoch, encode_message(item))
                 else:
                     args += item
             _evalsha(pipe, lua.PUBLISH, [st.k_lease, st.k_last], args)
@@ -944,7 +867,7 @@ class RedisBus:
             cluster = bool(int(info.get("cluster_enabled", 0) or 0))
         if cluster:
             client: Any = RedisCluster.from_url(
-                _without_db(self._url),
+                without_db(self._url),
                 max_connections=self.max_connections,
                 **self._connection_options(retries=1),
             )
@@ -1008,7 +931,7 @@ class RedisBus:
             else:
                 if st.role is OWNER:
                     self._feed.remove(st.stream)  # the nodes that hold it now own it themselves
-                del self._states[st.sid]
+                self._forget(st)
 
     def _rejoin(self) -> None:
         if self._reason != "not started":
@@ -1046,10 +969,6 @@ class RedisBus:
         await self._execute(pipe)
 
 
-def _ignore(*args: Any) -> None:
-    return None
-
-
 def _evalsha(pipe: Any, script: lua.Script, keys: list[str], args: list[Any]) -> None:
     # through execute_command: redis-py's cluster pipeline blocks its evalsha() method (it
     # cannot reload scripts on NOSCRIPT), but routes EVALSHA by its keys; NOSCRIPT is handled
@@ -1062,16 +981,3 @@ async def _within(seconds: float, awaitable: Awaitable[_T]) -> _T:
     # as the awaited thing completes, and a bus that ignores its stop() would hang shutdown
     async with asyncio.timeout(seconds):
         return await awaitable
-
-
-def _with_host(url: str, host: str, port: int) -> str:
-    """The URL with another host and port (a cluster node), keeping credentials and options."""
-    parts = urlsplit(_without_db(url))
-    userinfo = parts.netloc.rpartition("@")[0]
-    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _without_db(url: str) -> str:
-    """A cluster has only database 0; a path in the URL would make redis-py refuse it."""
-    return urlunsplit(urlsplit(url)._replace(path=""))

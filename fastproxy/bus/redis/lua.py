@@ -9,7 +9,9 @@ which interest has expired.
 Keys (P is the bus prefix, S the stream id):
 - `P:{S}:interest`  ZSET node id -> expiry (ms, server time); live count = members not expired.
 - `P:{S}:lease`     string node id, PX lease time: the one node subscribed upstream.
-- `P:{S}:last`      HASH seq -> last published seq, msg -> last published Message (wire form).
+- `P:{S}:last`      HASH seq -> last published seq, epoch -> its epoch, msg -> last published
+                    Message (wire form). seq and epoch outlive msg, so a later owner continues
+                    the numbering.
 - `P:nodes`         ZSET node id -> expiry: the live nodes, for observability.
 The channel `P:{S}:ch` (PUBLISH, or SPUBLISH on a cluster) carries the owner's Messages.
 """
@@ -40,7 +42,7 @@ class Script:
 
 
 # A node whose clients hold the stream: renew its interest, renew its lease if it has it, take
-# the lease if nobody has it. Returns {owner, stored seq, live interest count}.
+# the lease if nobody has it. Returns {owner, stored seq, live interest count, stored epoch}.
 # KEYS: interest, lease, last. ARGV: node, interest ttl ms, lease ms.
 HOLD = Script(
     "hold",
@@ -58,8 +60,8 @@ elseif not owner then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
   owner = ARGV[1]
 end
-local seq = redis.call('HGET', KEYS[3], 'seq') or '0'
-return {owner, seq, redis.call('ZCARD', KEYS[1])}
+local last = redis.call('HMGET', KEYS[3], 'seq', 'epoch')
+return {owner, last[1] or '0', redis.call('ZCARD', KEYS[1]), last[2] or ''}
 """,
 )
 
@@ -94,29 +96,30 @@ return {'', n}
 
 # The owner publishes a batch of one stream's Messages, fenced by the lease: a node that lost
 # its lease (a stall, an outage) cannot publish or overwrite the stored state any more.
-# Pairs (seq, blob): seq '' is a control marker (published only), '-' a reset marker (published,
-# and the stored Message dropped: the owner's upstream state is gone). Returns 1, or 0 if the
-# lease is someone else's.
-# KEYS: lease, last. ARGV: node, publish command, channel, keep ms, then seq/blob pairs.
+# Triples (seq, epoch, blob): seq '' is a control marker (published only), '-' a reset marker
+# (published, and the stored Message dropped: the owner's upstream state is gone). Returns 1,
+# or 0 if the lease is someone else's.
+# KEYS: lease, last. ARGV: node, publish command, channel, keep ms, then seq/epoch/blob triples.
 PUBLISH = Script(
     "publish",
     """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local seq, blob = nil, nil
-for i = 5, #ARGV, 2 do
-  redis.call(ARGV[2], ARGV[3], ARGV[i + 1])
+local seq, epoch, blob = nil, nil, nil
+for i = 5, #ARGV, 3 do
+  redis.call(ARGV[2], ARGV[3], ARGV[i + 2])
   if ARGV[i] == '-' then
     redis.call('HDEL', KEYS[2], 'msg')
     blob = nil
   elseif ARGV[i] ~= '' then
     seq = ARGV[i]
-    blob = ARGV[i + 1]
+    epoch = ARGV[i + 1]
+    blob = ARGV[i + 2]
   end
 end
 if blob then
-  redis.call('HSET', KEYS[2], 'seq', seq, 'msg', blob)
+  redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch, 'msg', blob)
 elseif seq then
-  redis.call('HSET', KEYS[2], 'seq', seq)
+  redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch)
 end
 if seq or blob then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
 return 1

@@ -1,0 +1,169 @@
+"""The wire layer: a Message (one update of one stream, serialized once), WebSocket frame
+building and the snapshot rewrite. The codec makes Messages; the bus carries them; the hub
+writes their frames. This module imports nothing of fastproxy, so all three can use it.
+
+Numbering: within a stream's `epoch` (an opaque string) `seq` is unique and rises by one per
+update. A new epoch starts whenever the numbering restarts (a codec created afresh on a node
+after the stream was released and acquired again); a new owner that takes a stream over in a
+cluster continues the stored seq and the stored epoch, so its clients see one line.
+
+`Message` here is the pure-Python class; the Cython codec has a twin with the same constructor
+and fields (`fastproxy.codec.Message` is the one of the implementation in use).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import orjson
+
+SOURCE = "mudrex"
+SNAPSHOT = "snapshot"
+UPDATE = "update"
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 12 hex digits, so two numberings of one stream never share one."""
+    return os.urandom(6).hex()
+
+
+class Message:
+    """One update of one stream, serialized once: the same bytes go to every client and node.
+
+    `frame` is the complete unmasked WebSocket text frame (header + payload), so fan-out never
+    touches the payload again. Immutable by convention (slots, no setters used anywhere).
+    """
+
+    __slots__ = ("epoch", "frame", "payload", "seq", "stream_id", "ts", "type")
+
+    stream_id: str
+    seq: int
+    type: str
+    ts: int
+    payload: bytes
+    frame: bytes
+    epoch: str
+
+    def __init__(
+        self,
+        stream_id: str,
+        seq: int,
+        type: str,
+        ts: int,
+        payload: bytes,
+        frame: bytes | None = None,
+        epoch: str = "",
+    ) -> None:
+        self.stream_id = stream_id
+        self.seq = seq
+        self.type = type
+        self.ts = ts
+        self.payload = payload
+        # A Message rebuilt from bus bytes may come without its frame; build it here once.
+        self.frame = ws_text_frame(payload) if frame is None else frame
+        self.epoch = epoch
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (
+            self.seq == other.seq
+            and self.stream_id == other.stream_id
+            and self.type == other.type
+            and self.ts == other.ts
+            and self.epoch == other.epoch
+            and self.payload == other.payload
+            and self.frame == other.frame
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.stream_id, self.seq, self.payload))
+
+    def __repr__(self) -> str:
+        return (
+            f"Message({self.stream_id!r}, seq={self.seq}, type={self.type!r}, ts={self.ts}, "
+            f"epoch={self.epoch!r}, {len(self.payload)} bytes)"
+        )
+
+
+_H16 = struct.Struct(">BBH")
+_H64 = struct.Struct(">BBQ")
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame (server to client) holding `payload`."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 0x10000:
+        return _H16.pack(0x81, 126, n) + payload
+    return _H64.pack(0x81, 127, n) + payload
+
+
+def envelope_prefix(stream_id: str) -> bytes:
+    """`{"stream":<id>,"type":"` exactly as orjson writes it; the payload starts with this."""
+    return b'{"stream":' + orjson.dumps(stream_id) + b',"type":"'
+
+
+def as_snapshot(message: Message) -> Message:
+    """The same update marked `"type":"snapshot"`: what a new subscriber gets first.
+
+    Every Message carries its stream's complete current state, so a late joiner's snapshot is
+    the last Message with its type changed; seq, epoch, timestamp and data stay the same, so the
+    next live Message is exactly seq + 1. The payload is patched in place of a re-serialization.
+    Works on either Message class and returns one of the same class.
+    """
+    if message.type == SNAPSHOT:
+        return message
+    prefix = envelope_prefix(message.stream_id)
+    payload = message.payload
+    update = prefix + b'update"'
+    if payload.startswith(update):
+        new = prefix + b'snapshot"' + payload[len(update) :]
+    else:  # not laid out by our codec (a foreign producer); take the slow, general way
+        doc = orjson.loads(payload)
+        doc["type"] = SNAPSHOT
+        new = orjson.dumps(doc)
+    return type(message)(
+        message.stream_id,
+        message.seq,
+        SNAPSHOT,
+        message.ts,
+        new,
+        ws_text_frame(new),
+        message.epoch,
+    )
+
+
+class LastValues:
+    """Per stream, the last Message and (built on first ask, once per Message) its snapshot:
+    the one last-value cache a node serves its joiners from."""
+
+    __slots__ = ("_last", "_snapshots")
+
+    def __init__(self) -> None:
+        self._last: dict[str, Message] = {}  # stream_id -> last Message
+        self._snapshots: dict[str, Message] = {}  # stream_id -> as_snapshot(last)
+
+    def put(self, message: Message) -> None:
+        sid = message.stream_id
+        self._last[sid] = message
+        self._snapshots.pop(sid, None)
+
+    def snapshot(self, stream_id: str) -> Message | None:
+        """The stream's current state as a snapshot, or None when nothing is known."""
+        snapshot = self._snapshots.get(stream_id)
+        if snapshot is None:
+            last = self._last.get(stream_id)
+            if last is None:
+                return None
+            snapshot = self._snapshots[stream_id] = as_snapshot(last)
+        return snapshot
+
+    def forget(self, stream_id: str) -> None:
+        self._last.pop(stream_id, None)
+        self._snapshots.pop(stream_id, None)
+
+    def __len__(self) -> int:
+        return len(self._last)
