@@ -7,24 +7,10 @@ from typing import Any
 import pytest
 
 from fastproxy.client.core import ClientCore, Event
-from fastproxy.streams import StreamError, parse_stream_arg
 
 TRADE = "mudrex.futures.trade.BTCUSDT"
 TICKER = "mudrex.futures.ticker.BTCUSDT"
 BOOK = "mudrex.futures.orderbook.50.BTCUSDT"
-
-
-def _names_books() -> bool:
-    try:
-        parse_stream_arg("orderbook:50:BTCUSDT")
-    except StreamError:
-        return False
-    return True
-
-
-needs_book_names = pytest.mark.skipif(
-    not _names_books(), reason="fastproxy.streams does not name orderbook streams on this main"
-)
 
 
 def data(stream: str, seq: int, kind: str = "update", epoch: str | None = None, **payload: Any):
@@ -366,7 +352,6 @@ def book_update(update_id: int, seq: int, bids=(), asks=()) -> dict[str, Any]:
     )
 
 
-@needs_book_names
 def test_a_book_is_kept_from_its_snapshot_and_updates():
     core = connected("orderbook:50:BTCUSDT")
     assert core.book("orderbook:50:BTCUSDT") is None
@@ -385,7 +370,6 @@ def test_a_book_is_kept_from_its_snapshot_and_updates():
         connected("ticker:BTCUSDT").book("ticker:BTCUSDT")
 
 
-@needs_book_names
 @pytest.mark.parametrize(
     "bad",
     [
@@ -415,7 +399,6 @@ def test_a_broken_book_resubscribes_and_yields_a_gap_then_the_fresh_snapshot(bad
     assert core.resyncs == 1
 
 
-@needs_book_names
 def test_a_book_that_was_not_resumed_waits_for_its_snapshot():
     core = connected("orderbook:50:BTCUSDT")
     core.receive(book_snapshot(1000, 5), 0)
@@ -441,7 +424,6 @@ def test_a_book_that_was_not_resumed_waits_for_its_snapshot():
     assert core.book("orderbook:50:BTCUSDT").update_id == 3000  # type: ignore[union-attr]
 
 
-@needs_book_names
 def test_a_resumed_book_continues_across_the_reconnect():
     core = connected("orderbook:50:BTCUSDT")
     core.receive(book_snapshot(1000, 5), 0)

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastproxy.client.book import Book, BookError, OrderBook
 from fastproxy.client.sequence import SequenceCheck, Verdict
-from fastproxy.streams import StreamError, parse_stream_arg
+from fastproxy.streams import ORDERBOOK, StreamError, parse_stream_arg
 
 # Event kinds. "error" is added to the documented four: the server refused a stream.
 DATA = "data"
@@ -26,9 +26,6 @@ ERROR = "error"
 LIVE = "live"
 STALE = "stale"
 
-# Streams whose every message is news of its own: a jump in seq is lost data.
-EVENT_STREAM_KINDS = frozenset(("trade", "liquidation"))
-BOOK_KIND = "orderbook"
 # The server takes at most this many args per request.
 MAX_ARGS_PER_REQUEST = 1000
 
@@ -95,6 +92,7 @@ class StreamName:
     arg: str
     stream_id: str
     kind: str
+    is_state: bool  # every message is (or builds) the state; else each is news of its own
     depth: int | None = field(default=None)
 
 
@@ -103,8 +101,7 @@ def resolve(arg: str) -> StreamName:
     if not isinstance(arg, str):
         raise StreamError(f"stream args are strings, not {type(arg).__name__}")
     stream = parse_stream_arg(arg)
-    depth = getattr(stream, "depth", None)
-    return StreamName(arg, stream.stream_id, stream.kind, depth)
+    return StreamName(arg, stream.stream_id, stream.kind, stream.is_state, stream.depth)
 
 
 class ClientCore:
@@ -134,8 +131,8 @@ class ClientCore:
                 arg=name.arg,
                 stream_id=name.stream_id,
                 kind=name.kind,
-                check=SequenceCheck(event_stream=name.kind in EVENT_STREAM_KINDS),
-                book=OrderBook(name.depth) if name.kind == BOOK_KIND else None,
+                check=SequenceCheck(event_stream=not name.is_state),
+                book=OrderBook(name.depth) if name.kind == ORDERBOOK else None,
             )
             self._streams[name.stream_id] = state
             new.append(state)
@@ -182,7 +179,7 @@ class ClientCore:
 
     def state(self, arg: str) -> Any:
         state = self._lookup(arg)
-        if state.kind in EVENT_STREAM_KINDS:
+        if state.check.event_stream:
             raise ValueError(f"{arg} is an event stream; it has no state, only events")
         if state.book is not None:
             view = state.book.view()
@@ -326,7 +323,7 @@ class ClientCore:
                 self._resync(state)
                 return events
             state.awaiting_snapshot = False
-        elif state.kind not in EVENT_STREAM_KINDS:
+        elif not state.check.event_stream:
             state.last = message.get("data")
         events.append(Event(DATA, state.arg, message))
         return events
