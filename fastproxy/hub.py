@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
 from fastproxy.codec import Message, ws_text_frame
+from fastproxy.freshness import FreshnessBoard, status_payload
+from fastproxy.history import History, Position, decide
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import KINDS, Stream
-from fastproxy.wire import LastValues
+from fastproxy.wire import SNAPSHOT, LastValues, as_snapshot
 
 log = logging.getLogger("fastproxy.hub")
 
@@ -43,8 +46,12 @@ class Hub:
         bus: Bus,
         linger: float = 5.0,
         loop: asyncio.AbstractEventLoop | None = None,
+        history: History | None = None,
     ) -> None:
         self._bus = bus
+        # Recent frames of every held stream (lingering ones too: a client that reconnects
+        # within the linger resumes from here).
+        self.history = History() if history is None else history
         self._linger = linger
         self._loop = loop
         self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers
@@ -53,14 +60,52 @@ class Hub:
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
+        self.freshness = FreshnessBoard()
+        # Streams back to live: their next Message goes out as a snapshot.
+        self._resnap: set[str] = set()
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
-        """Add streams to a session; each gets the current snapshot queued at once."""
+    def resume(self, positions: dict[Stream, Position]) -> dict[Stream, list[bytes]]:
+        """Of the streams a client asks to resume, those history can bridge: their frames after
+        the client's seq. Call right before `subscribe` with the result, in the same tick, so
+        that nothing is delivered in between."""
+        now = time.monotonic()
+        replays: dict[Stream, list[bytes]] = {}
+        for stream, position in positions.items():
+            sid = stream.stream_id
+            span = self.history.span(sid) if sid in self._subs else None
+            decision = decide(self.history, sid, position, span[0] if span else None, now)
+            if decision.replay is not None:
+                replays[stream] = decision.replay
+        return replays
+
+    def hold(self, streams: Iterable[Stream], for_seconds: float = 10.0) -> None:
+        """Acquire streams with no subscriber yet, so that their Messages (and history) flow
+        here while a resume is being prepared; released as usual if nobody subscribes."""
+        loop = self._loop or asyncio.get_running_loop()
+        for stream in streams:
+            sid = stream.stream_id
+            if sid in self._subs:
+                continue
+            self._subs[sid] = set()
+            self._streams[sid] = stream
+            self._bus.acquire(stream)
+            self._release_timers[sid] = loop.call_later(
+                max(self._linger, for_seconds), self._release, stream
+            )
+
+    def subscribe(
+        self,
+        session: Subscriber,
+        streams: Iterable[Stream],
+        replays: dict[Stream, list[bytes]] | None = None,
+    ) -> None:
+        """Add streams to a session; each gets the current snapshot queued at once, or, for a
+        stream in `replays` (see `resume`), the Messages it missed."""
         for stream in streams:
             sid = stream.stream_id
             subs = self._subs.get(sid)
@@ -74,6 +119,14 @@ class Hub:
                     timer.cancel()
             subs.add(session)
             session.streams.add(stream)
+            stale = self.freshness.stale(sid)
+            if stale is not None:  # right after the ack, before any data
+                self.send_payload(session, status_payload(sid, *stale))
+            replay = replays.get(stream) if replays else None
+            if replay is not None:
+                for frame in replay:
+                    self.send(session, frame)
+                continue
             snapshot = self.snapshot(sid)
             if snapshot is not None:
                 self.send(session, snapshot.frame)
@@ -111,6 +164,9 @@ class Hub:
         self._subs.pop(sid, None)
         self._streams.pop(sid, None)
         self._values.forget(sid)
+        self.freshness.forget(sid)
+        self._resnap.discard(sid)
+        self.history.forget(sid)
         self.releases += 1
         self._bus.release(stream)
 
@@ -135,9 +191,15 @@ class Hub:
             return  # not held here (any more)
         self.messages_in += 1
         self._values.put(message)
+        frame = message.frame
+        if message.type == SNAPSHOT:  # the codec's own (after an upstream reset): with its epoch
+            frame = self.snapshot(sid).frame  # type: ignore[union-attr]
+        self.history.append(sid, message.epoch, message.seq, frame, time.monotonic())
         if not subs:
             return
-        frame = message.frame
+        if self._resnap and sid in self._resnap:  # back to live: a fresh snapshot first
+            self._resnap.discard(sid)
+            frame = as_snapshot(message).frame
         dirty = self._dirty
         for session in subs:
             out = session.out
@@ -177,12 +239,35 @@ class Hub:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
         self._values.forget(stream.stream_id)
 
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        """The stream went stale for `reason`, or live again (None): tell every local holder
+        (the bus calls this). Back to live, the next Message goes out as a snapshot."""
+        sid = stream.stream_id
+        subs = self._subs.get(sid)
+        if subs is None or not self.freshness.update(sid, reason, since):
+            return
+        if reason is None:
+            self._resnap.add(sid)
+        else:
+            self._resnap.discard(sid)
+        log.info(
+            "stream stale" if reason else "stream live again",
+            extra={"stream": sid, "reason": reason, "since": since, "clients": len(subs)},
+        )
+        if subs:
+            frame = ws_text_frame(status_payload(sid, reason, since))
+            for session in subs:
+                self.send(session, frame)
+
     def reject(self, stream: Stream, reason: str) -> None:
         """The exchange refused the stream: tell every local holder and drop it."""
         sid = stream.stream_id
         subs = self._subs.pop(sid, None) or set()
         self._streams.pop(sid, None)
         self._values.forget(sid)
+        self.freshness.forget(sid)
+        self._resnap.discard(sid)
+        self.history.forget(sid)
         timer = self._release_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -204,6 +289,15 @@ class Hub:
 
     # -- introspection -------------------------------------------------------------------
 
+    @property
+    def bus(self) -> Bus:
+        return self._bus
+
+    def last_kept(self, stream: Stream) -> tuple[str, int] | None:
+        """(epoch, seq) of the newest Message this node's history has for the stream."""
+        span = self.history.span(stream.stream_id)
+        return None if span is None else (span[0], span[2])
+
     def holds(self, stream: Stream) -> bool:
         return stream.stream_id in self._subs
 
@@ -220,6 +314,8 @@ class Hub:
             "subscriptions": sum(by_kind.values()),
             "subscriptions_by_kind": by_kind,
             "lingering": len(self._release_timers),
+            "stale_streams": len(self.freshness),
+            "history": self.history.stats(),
             "messages_in": self.messages_in,
             "deliveries": self.deliveries,
             "releases": self.releases,
