@@ -583,9 +583,9 @@ async def test_a_cut_that_lands_on_another_node_loses_no_trade(redis_url: str) -
             running_proxy(sim, redis_url=bus_url, unsubscribe_linger=10.0) as node_b,
             line_cutter(node_a) as line,
         ):
+            sent = record_trades(sim, "BTCUSDT")  # before the probe starts the stream
             if not await resumes_across_nodes(node_a, node_b):
                 pytest.skip("the server on this main does not resume on another node yet")
-            sent = record_trades(sim, "BTCUSDT")
             received: list[str] = []
             async with fast_client(f"ws://127.0.0.1:{line.port}/ws") as c:
                 await c.subscribe(TRADE)
