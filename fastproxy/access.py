@@ -52,8 +52,10 @@ class KeyRing:
     comparison runs over the key's own bytes.
     """
 
-    def __init__(self, keys: Iterable[str] = (), path: str = "") -> None:
-        self._inline = [k for k in keys if k]
+    def __init__(self, keys: Iterable[str] | str = (), path: str = "") -> None:
+        if isinstance(keys, str):  # API_KEYS as written ("k1,k2"), not one key per character
+            keys = keys.split(",")
+        self._inline = [k.strip() for k in keys if k.strip()]
         self._path = path
         self._by_digest: dict[bytes, str] = {}
         self.reloads = 0
