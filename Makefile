@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# What running needs: the package and its runtime dependencies (the codec is compiled in pip's
+# build environment), no test toolchain. The full install ($(STAMP)) is a superset.
+RUN_STAMP := $(VENV)/.run-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install ext run demo sim test lint format bench soak clean
+.PHONY: install ext run demo sim test lint format bench soak clean env-example
 
 # In CI the Cython codec must be built and tested, not skipped.
 ifdef CI
@@ -19,20 +22,33 @@ $(STAMP): pyproject.toml setup.py $(wildcard ext/*.pyx)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python setup.py -q build_ext --inplace
-	@touch $(STAMP)
+	@touch $(STAMP) $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml setup.py $(wildcard ext/*.pyx)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fastproxy needs Python 3.11 or newer; set PYTHON=python3.11 (or newer)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	@touch $(RUN_STAMP)
 
 install: $(STAMP)
 
 ext: $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace
 
-run: $(STAMP)
-	$(BIN)/fastproxy
+# Settings: the environment, and .env when there is one (cp .env.example .env).
+LOAD_ENV := set -a; if [ -f .env ]; then . ./.env; fi; set +a;
 
-demo: $(STAMP)
-	$(BIN)/fastproxy --demo --log-format text
+run: $(RUN_STAMP)
+	@$(LOAD_ENV) exec $(BIN)/fastproxy
 
-sim: $(STAMP)
+demo: $(RUN_STAMP)
+	@$(LOAD_ENV) exec $(BIN)/fastproxy --demo --log-format text
+
+env-example:
+	$(PYTHON) -m fastproxy.config > .env.example
+
+sim: $(RUN_STAMP)
 	$(BIN)/fastproxy sim --port 9001
 
 lint: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastproxy.config import Config
 from fastproxy.feed import Feed
 from fastproxy.history import History
 from fastproxy.hub import Hub
+from fastproxy.latency import Histogram
 from fastproxy.logs import setup_logging
 from fastproxy.metrics import metrics_renderer
 from fastproxy.server import ProxyServer
@@ -76,7 +78,7 @@ class App:
             symbol_known=self.catalogue.check,
             health=self.health,
             stats=self.stats,
-            metrics=metrics_renderer(self.stats),
+            metrics=metrics_renderer(self.stats, self.latency),
             version=__version__,
         )
         await self.feed.start()
@@ -94,6 +96,8 @@ class App:
                 "bus": self.bus.name,
                 "codec": IMPLEMENTATION,
                 "environment": config.environment,
+                "tls": bool(config.tls_cert),
+                "api_keys": len(self.server.keys.ids) if self.server.keys.enabled else "off",
             },
         )
 
@@ -153,11 +157,21 @@ class App:
             "catalogue": self.catalogue.status(),
         }
 
+    def latency(self) -> dict[str, dict[str, Histogram]]:
+        assert self.feed is not None and self.hub is not None
+        return {"exchange_lag": self.feed.lag, "residence": self.hub.residence}
+
+    def reload(self) -> None:
+        """SIGHUP: re-read what may change without a restart (the API key file)."""
+        if self.server is not None:
+            self.server.reload_keys()
+
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await stop.wait()
         log.info("shutting down")
@@ -180,9 +194,10 @@ def feed_figures(feed: Feed) -> dict[str, Any]:
 def health_reasons(config: Config, upstream: dict[str, Any], bus: Bus) -> list[str]:
     """Why the node is degraded (nothing: healthy), from its upstream pool and bus."""
     reasons = []
-    down_since = upstream.get("down_since")
-    if down_since is not None and time.monotonic() - down_since > config.upstream_down_threshold:
-        reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
+    down_since = upstream.get("down_since")  # epoch ms
+    down_for = None if down_since is None else time.time() - down_since / 1000
+    if down_for is not None and down_for > config.upstream_down_threshold:
+        reasons.append(f"upstream down for {down_for:.0f} s")
     if not bus.healthy:
         reasons.append("redis unreachable")
     return reasons
@@ -194,7 +209,15 @@ def run(config: Config) -> int:
     setup_logging(config.log_format, config.debug, config.environment)
     try:
         uvloop.run(App(config).run_until_signalled())
-    except OSError as exc:  # port in use, address not available
-        log.error("cannot start: %s", exc)
+    except ssl.SSLError as exc:  # TLS_CERT / TLS_KEY unusable (before OSError: a subclass)
+        log.error("cannot load TLS_CERT=%s TLS_KEY=%s: %s", config.tls_cert, config.tls_key, exc)
+        return 1
+    except OSError as exc:  # port in use, address not available, no such host
+        log.error(
+            "cannot listen on HOST=%s PORT=%s: %s",
+            config.host,
+            config.port,
+            exc.strerror or exc,
+        )
         return 1
     return 0

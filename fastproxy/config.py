@@ -8,7 +8,9 @@ the variable and what it accepts.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -104,6 +106,54 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.match(value):
+            raise ValueError("an IP address (0.0.0.0, ::, 127.0.0.1) or a host name") from None
+    return value
+
+
+def _words(raw: str) -> tuple[str, ...]:
+    return tuple(word for word in (part.strip() for part in raw.split(",")) if word)
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    nets = []
+    for word in _words(raw):
+        try:
+            nets.append(str(ipaddress.ip_network(word, strict=False)))
+        except ValueError:
+            raise ValueError("comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32") from None
+    return tuple(nets)
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = []
+    for word in _words(raw):
+        if word != "*":
+            parts = urlsplit(word)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+                raise ValueError("comma-separated origins such as https://app.example.com, or *")
+            word = f"{parts.scheme}://{parts.netloc}".lower()
+        origins.append(word)
+    return tuple(origins)
+
+
+def _readable_file(raw: str) -> str:
+    value = raw.strip()
+    if value and not os.access(value, os.R_OK):
+        raise ValueError("a readable file, or empty")
+    return value
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask, not the machine's core count)."""
     try:
@@ -131,6 +181,7 @@ class Setting:
     parse: Callable[[str], Any]
     default: str
     help: str
+    secret: bool = False  # never shown: not in errors, not in logs
 
     @property
     def attr(self) -> str:
@@ -142,7 +193,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("HOST", _text, "0.0.0.0", "address to listen on"),
+    Setting("HOST", _host, "0.0.0.0", "address to listen on"),
     Setting("PORT", _int_range(0, 65535), "8000", "port for WS /ws and the HTTP endpoints"),
     Setting(
         "WORKERS",
@@ -276,6 +327,49 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SHUTDOWN_TIMEOUT", _seconds(), "10", "seconds a graceful stop may take before exiting"
     ),
+    Setting(
+        "API_KEYS",
+        _words,
+        "",
+        "comma-separated keys a client must present on /ws (Bearer header or ?token=); "
+        "empty with no API_KEYS_FILE: open",
+        secret=True,
+    ),
+    Setting(
+        "API_KEYS_FILE",
+        _readable_file,
+        "",
+        "file of API keys, one a line (# comments); re-read on SIGHUP",
+    ),
+    Setting(
+        "METRICS_TOKEN",
+        _text,
+        "",
+        "token for /metrics and /stats; empty: an API key if keys are set, else open",
+        secret=True,
+    ),
+    Setting(
+        "MAX_CONNECTIONS_PER_IP",
+        _int_range(0),
+        "0",
+        "most WebSocket connections from one client address (429); 0: no limit",
+    ),
+    Setting(
+        "TRUSTED_PROXIES",
+        _networks,
+        "",
+        "CIDRs of load balancers whose X-Forwarded-For names the client address",
+    ),
+    Setting(
+        "ALLOWED_ORIGINS",
+        _origins,
+        "",
+        "comma-separated browser origins allowed on /ws (403 otherwise); empty: any",
+    ),
+    Setting(
+        "TLS_CERT", _readable_file, "", "PEM certificate (chain) file: serve wss:// and https://"
+    ),
+    Setting("TLS_KEY", _readable_file, "", "PEM private key file for TLS_CERT"),
 )
 
 
@@ -313,6 +407,14 @@ class Config:
     history_max_age: float = 30.0
     history_max_bytes: int = 134217728
     shutdown_timeout: float = 10.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: str = ""
+    metrics_token: str = field(default="", repr=False)
+    max_connections_per_ip: int = 0
+    trusted_proxies: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
     demo: bool = field(default=False)
 
     def replace(self, **changes: Any) -> Config:
@@ -354,6 +456,8 @@ def load(
             values[setting.attr] = setting.parse(raw)
         except ValueError as exc:
             shown = raw if len(raw) <= 60 else raw[:57] + "..."
+            if setting.secret:
+                shown = "<hidden>"
             raise ConfigError(f"{source}={shown!r} is not valid: expected {exc}") from None
     url_given = flags.get("bybit_ws_url") is not None or "BYBIT_WS_URL" in environ
     if values["bybit_testnet"] and not url_given:
@@ -363,6 +467,8 @@ def load(
             "WRITE_BUFFER_SOFT_LIMIT must not be larger than WRITE_BUFFER_HARD_LIMIT "
             f"({values['write_buffer_soft_limit']} > {values['write_buffer_hard_limit']})"
         )
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("TLS_CERT and TLS_KEY go together: set both for TLS, or neither")
     return Config(**values)
 
 
@@ -379,3 +485,20 @@ def describe(settings: Sequence[Setting] = SETTINGS) -> str:
     for s in settings:
         rows.append(f"| `{s.env}` | `{s.flag}` | `{s.default}` | {s.help} |")
     return "\n".join(rows)
+
+
+def env_example(settings: Sequence[Setting] = SETTINGS) -> str:
+    """The text of .env.example: every variable with its default, commented out (a set
+    variable counts as given: BYBIT_WS_URL set to its default would override BYBIT_TESTNET)."""
+    lines = [
+        "# fastproxy settings. Copy to .env, uncomment what you change.",
+        "# Each line shows the default; the same table is in the README (Configuration).",
+        "# Generated by `python -m fastproxy.config > .env.example`.",
+    ]
+    for s in settings:
+        lines += ["", f"# {s.help}", f"#{s.env}={s.default}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(env_example(), end="")

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from fastproxy.codec import RESYNC_REASONS, CodecError, Message, new_codec
+from fastproxy.latency import Histogram
 from fastproxy.streams import Stream, StreamError, stream_for_topic
 from fastproxy.upstream import UpstreamPool, UpstreamSettings
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from fastproxy.bus import Handler
 
 log = logging.getLogger("fastproxy.feed")
+_wall_clock = time.time
 
 
 class _Unattached:
@@ -50,6 +52,9 @@ class Feed:
         )
         self.messages_out = 0
         self.codec_errors = 0
+        # exchange `ts` -> receipt here, by stream kind; topic -> its kind's histogram
+        self.lag: dict[str, Histogram] = {}
+        self._lag_of: dict[str, Histogram] = {}
         self.resyncs = dict.fromkeys(RESYNC_REASONS, 0)  # books rebuilt, by reason
         self._last_error_log = 0.0
         self._last_resync_log = 0.0
@@ -74,6 +79,10 @@ class Feed:
             return
         self._streams[stream.topic] = stream
         codec = self._codecs[stream.topic] = new_codec(stream, seq, epoch)
+        lag = self.lag.get(stream.kind)
+        if lag is None:
+            lag = self.lag[stream.kind] = Histogram()
+        self._lag_of[stream.topic] = lag
         self.pool.subscribe([stream.topic])
         if stream.is_delta:
             self._books[stream.topic] = codec
@@ -85,6 +94,7 @@ class Feed:
         if self._streams.pop(stream.topic, None) is None:
             return
         self._codecs.pop(stream.topic, None)
+        self._lag_of.pop(stream.topic, None)
         self._books.pop(stream.topic, None)
         self.pool.unsubscribe([stream.topic])
 
@@ -118,6 +128,10 @@ class Feed:
         codec = self._codecs.get(topic)
         if codec is None:  # in flight when we unsubscribed
             return
+        ts = frame.get("ts")
+        if type(ts) is int:
+            lag = _wall_clock() - ts * 0.001
+            self._lag_of[topic].observe(lag if lag > 0.0 else 0.0)  # skewed clocks: 0
         try:
             messages = codec.feed(frame)
         except CodecError as exc:
@@ -164,6 +178,7 @@ class Feed:
     def _on_failed(self, topic: str, reason: str) -> None:
         stream = self._streams.pop(topic, None)
         self._codecs.pop(topic, None)
+        self._lag_of.pop(topic, None)
         self._books.pop(topic, None)
         if stream is None:
             try:

@@ -104,7 +104,7 @@ class RequestHeadGuard(asyncio.Protocol):
         "_transport",
     )
 
-    def __init__(self, make_protocol: Callable[[], Any], timeout: float) -> None:
+    def __init__(self, make_protocol: Callable[[str], Any], timeout: float) -> None:
         self._make_protocol = make_protocol
         self._buffer = bytearray()
         self._scanned = 0
@@ -158,7 +158,8 @@ class RequestHeadGuard(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         transport = self._transport
-        protocol = self._make_protocol()
+        peer = transport.get_extra_info("peername")
+        protocol = self._make_protocol(peer[0] if isinstance(peer, tuple) else "")
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         data = memoryview(self._buffer)
@@ -185,19 +186,24 @@ async def serve_ws(
     auto_ping_idle_timeout: float = 20.0,
     auto_ping_reply_timeout: float = 20.0,
     use_aiofastnet: bool = False,
+    with_peer: bool = False,
     **kwargs: Any,
 ) -> asyncio.Server:
     """picows' `ws_create_server` with the request-head guard in front: the same arguments
-    (`logger_name` must be a logger-like object), the same picows protocol behind it."""
+    (`logger_name` must be a logger-like object), the same picows protocol behind it.
+    `with_peer`: the factory is called as `factory(request, peer_ip)` (picows alone cannot
+    tell a router which address connected)."""
     if use_aiofastnet:
         raise ValueError("the request-head guard runs on the event loop's own transports")
 
-    def make_protocol() -> Any:
+    def make_protocol(peer: str) -> Any:
         return WSProtocol(
             None,  # host and port: a client's
             None,  # path: a client's
             False,  # server side
-            ws_listener_factory,
+            (lambda request: ws_listener_factory(request, peer))
+            if with_peer
+            else ws_listener_factory,
             logger_name,
             True,  # disconnect when a listener callback raises
             websocket_handshake_timeout,

@@ -21,6 +21,7 @@ never dropped. Only those clients cost anything per message; the others keep the
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -30,11 +31,14 @@ from fastproxy.bus import Bus
 from fastproxy.codec import Message, ws_text_frame
 from fastproxy.freshness import FreshnessBoard, status_payload
 from fastproxy.history import History, Position, decide
+from fastproxy.latency import Histogram
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import DELTA_KINDS, KINDS, STATE_KINDS, Stream
 from fastproxy.wire import SNAPSHOT, LastValues
 
 log = logging.getLogger("fastproxy.hub")
+_clock = time.perf_counter
+_bisect = bisect.bisect_left
 
 
 # A client that fell behind goes back to the shared path once its transport has held nothing
@@ -150,6 +154,13 @@ class Hub:
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
+        # residence: a Message's arrival here -> the flush that wrote it to every local
+        # subscriber keeping up and handed it to the backlogs due then, by kind
+        self.residence: dict[str, Histogram] = {kind: Histogram() for kind in KINDS}
+        self._residence_of: dict[str, Histogram] = {}  # stream_id -> its kind's histogram
+        self._arrived_in: list[Histogram] = []  # per Message fanned out since the last flush
+        self._arrived_at: list[float] = []
+        self.flushes = 0  # session flushes: each is one socket write unless the session closed
         self.conflated = 0  # state messages replaced by a newer one for a client behind
 
     # -- subscriptions -------------------------------------------------------------------
@@ -178,6 +189,7 @@ class Hub:
                 continue
             self._subs[sid] = set()
             self._streams[sid] = stream
+            self._residence_of[sid] = self._residence_for(stream.kind)
             self._bus.acquire(stream)
             self._release_timers[sid] = loop.call_later(
                 max(self._linger, for_seconds), self._release, stream
@@ -197,6 +209,7 @@ class Hub:
             if subs is None:
                 subs = self._subs[sid] = set()
                 self._streams[sid] = stream
+                self._residence_of[sid] = self._residence_for(stream.kind)
                 self._bus.acquire(stream)
             else:
                 timer = self._release_timers.pop(sid, None)
@@ -239,6 +252,12 @@ class Hub:
         if session.backlog is not None:
             self._behind_sessions.discard(session)
             session.backlog = None
+
+    def _residence_for(self, kind: str) -> Histogram:
+        histogram = self.residence.get(kind)
+        if histogram is None:
+            histogram = self.residence[kind] = Histogram()
+        return histogram
 
     def _held(self, sid: str) -> bool:
         return bool(self._subs.get(sid)) or bool(self._behind.get(sid))
@@ -298,6 +317,7 @@ class Hub:
         if backlog:
             session.out.extend(backlog.take(self._current_frame))
             session.flush()
+            self.flushes += 1
         if (
             session.backlog is backlog
             and not session.paused
@@ -339,6 +359,7 @@ class Hub:
         self._subs.pop(sid, None)
         self._behind.pop(sid, None)
         self._streams.pop(sid, None)
+        self._residence_of.pop(sid, None)
         self._values.forget(sid)
         self.freshness.forget(sid)
         self._resnap.discard(sid)
@@ -376,6 +397,11 @@ class Hub:
             snapshot = self.snapshot(sid)  # a book's is the whole book, not this update
             if snapshot is not None:
                 frame = snapshot.frame
+        behind = self._behind.get(sid)
+        if not subs and not behind:
+            return
+        self._arrived_in.append(self._residence_of[sid])
+        self._arrived_at.append(_clock())
         if subs:
             dirty = self._dirty
             for session in subs:
@@ -384,11 +410,8 @@ class Hub:
                     dirty.append(session)
                 out.append(frame)
             self.deliveries += len(subs)
-        behind = self._behind.get(sid)
         if behind:
             self._deliver_behind(message, frame, behind)
-        elif not subs:
-            return
         if not self._flush_scheduled:
             self._schedule_flush()
 
@@ -444,6 +467,7 @@ class Hub:
                 session.flush()
             except Exception:  # one broken session must not stop the others' writes
                 log.exception("flush failed")
+        self.flushes += len(dirty)
         if self._drain_due:
             due, self._drain_due = self._drain_due, []
             for session in due:
@@ -451,6 +475,15 @@ class Hub:
                     self._drain(session)
                 except Exception:
                     log.exception("flush failed")
+        arrived_at = self._arrived_at
+        if arrived_at:  # after the drains: a client behind that was due got its frames too
+            written = _clock()
+            for histogram, arrived in zip(self._arrived_in, arrived_at, strict=False):
+                seconds = written - arrived  # Histogram.observe, inlined: this runs per Message
+                histogram.counts[_bisect(histogram.bounds, seconds)] += 1
+                histogram.total += seconds
+            arrived_at.clear()
+            self._arrived_in.clear()
 
     def reset(self, stream: Stream) -> None:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
@@ -482,6 +515,7 @@ class Hub:
         subs = self._subs.pop(sid, None) or set()
         subs |= self._behind.pop(sid, None) or set()
         self._streams.pop(sid, None)
+        self._residence_of.pop(sid, None)
         self._values.forget(sid)
         self.freshness.forget(sid)
         self._resnap.discard(sid)

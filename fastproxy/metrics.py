@@ -9,13 +9,35 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeHistogramMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
+
+from fastproxy.latency import Histogram
+
+_HISTOGRAMS = {
+    "exchange_lag": (
+        "fastproxy_exchange_lag_seconds",
+        "Receipt by this proxy minus the exchange's ts, by stream kind (clock skew counts as 0)",
+    ),
+    "residence": (
+        "fastproxy_residence_seconds",
+        "A Message's arrival at this node's hub to its write to every local subscriber, by kind",
+    ),
+}
+
+
+def _reasons(name: str, help_text: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        family.add_metric([reason], count)
+    return family
+
 
 # Counters the Redis bus reports in its status; the memory bus has none of them.
 _BUS_COUNTERS = {
@@ -31,8 +53,13 @@ _BUS_COUNTERS = {
 
 
 class ProxyCollector(Collector):
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], dict[str, Any]],
+        latency: Callable[[], dict[str, dict[str, Histogram]]] | None = None,
+    ) -> None:
         self._snapshot = snapshot
+        self._latency = latency
 
     def collect(self) -> Iterator[Any]:
         s = self._snapshot()
@@ -51,12 +78,50 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             "fastproxy_bytes_sent", "Bytes written to clients", value=conns["bytes_sent"]
         )
-        drops = CounterMetricFamily(
-            "fastproxy_client_drops", "Clients closed by the server, by reason", labels=["reason"]
+        yield _reasons(
+            "fastproxy_client_drops", "Clients closed by the server, by reason", conns["drops"]
         )
-        for reason, count in sorted(conns["drops"].items()):
-            drops.add_metric([reason], count)
-        yield drops
+        yield _reasons(
+            "fastproxy_client_refused",
+            "WebSocket upgrades refused with an HTTP error before the upgrade, by reason",
+            conns.get("refused", {}),
+        )
+        yield _reasons(
+            "fastproxy_client_disconnects",
+            "Client sessions ended, by reason (client_closed, connection_lost, or the drop's)",
+            conns.get("disconnects", {}),
+        )
+        yield CounterMetricFamily(
+            "fastproxy_socket_writes",
+            "Socket writes to clients (frames are coalesced: messages_sent / writes per write)",
+            value=conns.get("writes", 0),
+        )
+        keys = conns.get("keys", {})
+        if keys:
+            per_key = {
+                "clients": GaugeMetricFamily(
+                    "fastproxy_key_clients", "Clients connected, by API key id", labels=["key_id"]
+                ),
+                "connections": CounterMetricFamily(
+                    "fastproxy_key_connections",
+                    "Client connections accepted, by API key id",
+                    labels=["key_id"],
+                ),
+                "messages_sent": CounterMetricFamily(
+                    "fastproxy_key_messages_sent",
+                    "Frames written to clients, by API key id",
+                    labels=["key_id"],
+                ),
+                "requests": CounterMetricFamily(
+                    "fastproxy_key_requests",
+                    "Client requests (subscribe, unsubscribe, ping), by API key id",
+                    labels=["key_id"],
+                ),
+            }
+            for kid, usage in keys.items():
+                for field, family in per_key.items():
+                    family.add_metric([kid], usage[field])
+            yield from per_key.values()
         slow = conns.get("slow_clients")
         if slow is not None:
             yield GaugeMetricFamily(
@@ -164,6 +229,8 @@ class ProxyCollector(Collector):
         for key, help_text in _BUS_COUNTERS.items():
             if key in bus:
                 yield CounterMetricFamily(f"fastproxy_bus_{key}", help_text, value=bus[key])
+        if self._latency is not None:
+            yield from _histograms(self._latency())
         if "workers" in s:  # --workers N: the supervisor's view
             yield from _worker_metrics(s)
 
@@ -182,7 +249,19 @@ def _worker_metrics(s: dict[str, Any]) -> Iterator[Any]:
     yield clients
 
 
-def metrics_renderer(snapshot: Callable[[], dict[str, Any]]) -> Callable[[], bytes]:
+def _histograms(latency: dict[str, dict[str, Histogram]]) -> Iterator[HistogramMetricFamily]:
+    for key, (name, help_text) in _HISTOGRAMS.items():
+        family = HistogramMetricFamily(name, help_text, labels=["kind"])
+        for kind, histogram in sorted(latency.get(key, {}).items()):
+            family.add_metric([kind], histogram.cumulative(), sum_value=histogram.total)
+        yield family
+
+
+def metrics_renderer(
+    snapshot: Callable[[], dict[str, Any]],
+    latency: Callable[[], dict[str, dict[str, Histogram]]] | None = None,
+) -> Callable[[], bytes]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(snapshot))
+    registry.register(ProxyCollector(snapshot, latency))
+    ProcessCollector(namespace="", registry=registry)  # process_cpu_seconds_total, RSS, fds
     return lambda: generate_latest(registry)

@@ -1,4 +1,5 @@
-"""The picows server: WS /ws for clients, plain HTTP GET for /, /health, /ready, /stats, /metrics.
+"""The picows server: WS /ws for clients, plain HTTP GET for /, /health, /ready, /stats, /metrics,
+/dashboard.
 
 A thin I/O edge: frames go into the protocol functions and the hub, bytes come out.
 
@@ -16,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hmac
 import logging
 import socket
+import ssl
 import struct
 import termios
 import time
@@ -34,7 +37,17 @@ from picows import (
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
+from picows.picows import WSCloseCode
 
+from fastproxy.access import (
+    AddressLimit,
+    ClientAddress,
+    KeyFileError,
+    KeyRing,
+    KeyUsage,
+    origin_allowed,
+    request_token,
+)
 from fastproxy.config import Config
 from fastproxy.handshake import check_upgrade, serve_ws
 from fastproxy.history import splice
@@ -45,6 +58,7 @@ from fastproxy.protocol import (
     CLOSE_FLOODING,
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
+    CLOSE_KEY_REVOKED,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
     CLOSE_TOO_SLOW,
@@ -103,6 +117,27 @@ LISTEN_BACKLOG = 4096
 RESUME_WAIT = 5.0
 
 _JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+_HTML = {
+    "Content-Type": "text/html; charset=utf-8",
+    "Cache-Control": "no-store",
+    # The page loads nothing from anywhere: its own script and style, /stats, /health and /ws.
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+    ),
+}
+
+# Why a session ended, by the close code we sent (the labels of disconnects by reason).
+_END_REASONS = {
+    CLOSE_GOING_AWAY: "shutdown",
+    CLOSE_IDLE: "idle",
+    CLOSE_KEY_REVOKED: "key_revoked",
+    CLOSE_CONNECTION_LIMIT: "connection_limit",
+    CLOSE_TOO_SLOW: "slow_client",
+    CLOSE_FLOODING: "flooding",
+    CLOSE_TOO_BIG: "too_big",
+    CLOSE_PROTOCOL_ERROR: "protocol_error",
+}
 
 
 class ClientSession(WSListener):
@@ -119,8 +154,10 @@ class ClientSession(WSListener):
         "closed",
         "connected_at",
         "delivered",
+        "end_reason",
         "fd",
         "guard",
+        "key",
         "last_ping",
         "last_seen",
         "out",
@@ -135,12 +172,16 @@ class ClientSession(WSListener):
         "transport",
         "unread_kernel",
         "unread_user",
+        "usage",
     )
 
-    def __init__(self, server: ProxyServer, peer: str) -> None:
+    def __init__(self, server: ProxyServer, peer: str, key: str | None = None) -> None:
         super().__init__()
         self.server = server
-        self.peer = peer
+        self.peer = peer  # the client's address (X-Forwarded-For's behind a trusted proxy)
+        self.key = key  # the key id it authenticated with, or None
+        self.usage: KeyUsage | None = None
+        self.end_reason: str | None = None
         self.transport: WSTransport | None = None
         self.raw: Any = None  # the asyncio transport under picows, written to directly
         self.out: list[bytes] = []
@@ -196,6 +237,7 @@ class ClientSession(WSListener):
         self.last_seen = now
         msg_type = frame.msg_type
         if msg_type == WSMsgType.CLOSE:  # honoured whatever the rate: it ends the session
+            self.end_reason = "client_closed"
             self.closed = True
             self.server.forget(self)
             transport.send_close(frame.get_close_code())
@@ -273,8 +315,19 @@ class ClientSession(WSListener):
         self.close(code, reason)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        reason = self.end_reason
+        if reason is None:
+            # picows itself closes with 1009 when a frame is over max_frame_size
+            handshake = transport.close_handshake
+            sent = handshake.sent if handshake is not None else None
+            if sent is not None and sent.code == WSCloseCode.MESSAGE_TOO_BIG:
+                reason = "too_big"
+                self.server.count_drop(reason)
+            else:
+                reason = "connection_lost"
         self.closed = True
         self.server.forget(self)
+        self.server.count_disconnect(reason)
 
     def pause_writing(self) -> None:
         now = time.monotonic()
@@ -311,8 +364,10 @@ class ClientSession(WSListener):
     def flush(self) -> None:
         out = self.out
         if not out:
+            self.server.flushes_without_write += 1
             return
         if self.closed:
+            self.server.flushes_without_write += 1
             out.clear()
             return
         count = len(out)
@@ -345,6 +400,7 @@ class ClientSession(WSListener):
         if self.closed:
             return
         self.closed = True
+        self.end_reason = _END_REASONS.get(code, "closed")
         self.out.clear()
         self.server.forget(self)
         transport = self.transport
@@ -371,6 +427,19 @@ class ClientSession(WSListener):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.server.resets += 1
         transport.disconnect(graceful=False)
+
+
+class KeyedSession(ClientSession):
+    """A client that connected with an API key: what it is sent is counted under the key id.
+    A subclass, so that sessions without a key pay nothing for it on every flush."""
+
+    __slots__ = ()
+
+    def flush(self) -> None:
+        count = 0 if self.closed else len(self.out)
+        ClientSession.flush(self)
+        if self.usage is not None:
+            self.usage.messages_sent += count
 
 
 class Seats:
@@ -424,6 +493,17 @@ class ProxyServer:
         self.connections_total = 0
         self.requests = 0
         self.drops: dict[str, int] = {}
+        # Socket writes are the hub's session flushes minus these (a closed session's, an
+        # emptied one's): the hot path counts nothing per write. frames_sent / writes is the
+        # coalescing factor.
+        self.flushes_without_write = 0
+        self.refused: dict[str, int] = {}  # HTTP refusals of /ws before the upgrade, by reason
+        self.disconnects: dict[str, int] = {}  # ended sessions, by reason
+        self.keys = KeyRing(config.api_keys, config.api_keys_file)
+        self.key_usage: dict[str, KeyUsage] = {}
+        self.addresses = ClientAddress(config.trusted_proxies)
+        self.per_address = AddressLimit(config.max_connections_per_ip)
+        self.scheme = "https" if config.tls_cert else "http"
         self._tasks: set[asyncio.Task[None]] = set()
         self.resets = 0  # closed sockets reset because the peer left data unread
         self.ping_interval = max(1.0, min(30.0, config.client_idle_timeout / 3))
@@ -456,16 +536,39 @@ class ProxyServer:
             # An adapter, not a logger name: given a Logger, picows makes a child Logger per
             # connection and keeps it for the connection's life (~0.6 KiB each).
             logger_name=ThrottledLog(logging.getLogger("picows.server")),
+            with_peer=True,  # the router gets the TCP peer: per-address limits answer 429
+            ssl=self._tls_context(),
             reuse_address=True,
             # Workers each listen on the same port; the kernel spreads connections over them.
             reuse_port=self.config.workers > 1,
             backlog=LISTEN_BACKLOG,
-            # uvloop's own transport: aiofastnet's costs ~5 KiB more per connection.
-            use_aiofastnet=False,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         self.ready = True
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
+
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read API_KEYS_FILE. Clients whose key is gone are closed with 4001."""
+        try:
+            ids = self.keys.reload()
+        except KeyFileError as exc:
+            log.error("API keys not reloaded; the old ones stay", extra={"error": str(exc)})
+            return
+        accepted = set(ids)
+        revoked = [s for s in self.sessions if s.key is not None and s.key not in accepted]
+        for session in revoked:
+            session.close(CLOSE_KEY_REVOKED, "API key revoked")
+        log.info(
+            "API keys reloaded",
+            extra={"keys": len(ids), "key_ids": ",".join(ids), "clients_closed": len(revoked)},
+        )
 
     async def drain(self) -> None:
         """Graceful stop: refuse newcomers, close every client with 1001, stop listening."""
@@ -491,24 +594,38 @@ class ProxyServer:
 
     # -- routing -------------------------------------------------------------------------
 
-    def _route(self, request: WSUpgradeRequest) -> Any:
-        path = request.path.split(b"?", 1)[0]
+    def _route(self, request: WSUpgradeRequest, peer: str = "") -> Any:
+        path, _, query = request.path.partition(b"?")
         if path == b"/ws":
             refusal = check_upgrade(request.headers)
             if refusal is not None:
                 return refusal.with_listener()
             if self.draining or not self.ready:
-                return WSUpgradeResponseWithListener(
-                    WSUpgradeResponse.create_error_response(503, b"shutting down"), None
-                )
-            connection = request.headers.get("connection", "")
+                return self._refuse("draining", 503, "shutting down")
+            headers = request.headers
+            if self.config.allowed_origins and not origin_allowed(
+                headers.get("origin"), self.config.allowed_origins
+            ):
+                return self._refuse("origin", 403, "this origin is not allowed")
+            key = None
+            if self.keys.enabled:
+                key = self.keys.check(request_token(headers.get("authorization"), query))
+                if key is None:
+                    return self._refuse(
+                        "unauthorized", 401, "an API key is required: Bearer header or ?token="
+                    )
+            address = self.addresses.resolve(peer, headers.get("x-forwarded-for"))
+            if self.per_address.full(address):
+                return self._refuse("address_limit", 429, "too many connections from this address")
+            connection = headers.get("connection", "")
             # Browsers and proxies send "keep-alive, Upgrade"; picows only accepts "upgrade".
             if connection.lower() != "upgrade" and "upgrade" in (
                 token.strip().lower() for token in connection.split(",")
             ):
-                request.headers["Connection"] = "Upgrade"
-            peer = request.headers.get("x-forwarded-for", "")
-            return ClientSession(self, peer)
+                headers["Connection"] = "Upgrade"
+            if key is not None:
+                return KeyedSession(self, address, key)
+            return ClientSession(self, address)
         if path == b"/":
             return _http(
                 200,
@@ -519,6 +636,7 @@ class ProxyServer:
                     "health": "/health",
                     "ready": "/ready",
                     "metrics": "/metrics",
+                    "dashboard": "/dashboard",
                 },
             )
         if path == b"/health":
@@ -528,6 +646,20 @@ class ProxyServer:
             return _http(200 if healthy else 503, body)
         if path == b"/ready":
             return _http(200 if self.ready else 503, {"ok": self.ready})
+        if path == b"/dashboard":
+            from fastproxy.dashboard import page
+
+            response = WSUpgradeResponse.create_ok_response(page(), _HTML)
+            return WSUpgradeResponseWithListener(response, None)
+        if path in (b"/stats", b"/metrics") and not self._operator_allowed(request, query):
+            return _http(
+                401,
+                {
+                    "error": "unauthorized",
+                    "message": "a token is required: Bearer header or ?token=",
+                },
+                {"WWW-Authenticate": 'Bearer realm="fastproxy"'},
+            )
         if path == b"/stats":
             return _http(200, self._stats() if self._stats else {})
         if path == b"/metrics" and self._metrics is not None:
@@ -536,6 +668,23 @@ class ProxyServer:
             )
             return WSUpgradeResponseWithListener(response, None)
         return _http(404, {"error": "not found"})
+
+    def _refuse(self, reason: str, status: int, message: str) -> WSUpgradeResponseWithListener:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        extra = {"WWW-Authenticate": 'Bearer realm="fastproxy"'} if status == 401 else None
+        return _http(status, {"error": reason, "message": message}, extra)
+
+    def _operator_allowed(self, request: WSUpgradeRequest, query: bytes) -> bool:
+        """/stats and /metrics: METRICS_TOKEN when set, else any API key when keys are set."""
+        token = self.config.metrics_token
+        if not token and not self.keys.enabled:
+            return True
+        presented = request_token(request.headers.get("authorization"), query)
+        if presented is None:
+            return False
+        if token:
+            return hmac.compare_digest(presented.encode(), token.encode())
+        return self.keys.check(presented) is not None
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -549,6 +698,14 @@ class ProxyServer:
             session.close(CLOSE_CONNECTION_LIMIT, "connection limit reached")
             return
         self.sessions.add(session)
+        self.per_address.add(session.peer)
+        if session.key is not None:
+            usage = self.key_usage.get(session.key)
+            if usage is None:
+                usage = self.key_usage[session.key] = KeyUsage()
+            usage.clients += 1
+            usage.connections += 1
+            session.usage = usage
 
     def tune_socket(self, sock: Any) -> None:
         """Bound what the kernel holds for one client (the rest waits in user space)."""
@@ -563,8 +720,14 @@ class ProxyServer:
     def forget(self, session: ClientSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            self.per_address.remove(session.peer)
+            if session.usage is not None:
+                session.usage.clients -= 1
             self.seats.give()
             self.hub.drop(session)
+
+    def count_disconnect(self, reason: str) -> None:
+        self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
 
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -574,6 +737,8 @@ class ProxyServer:
     def handle_request(self, session: ClientSession, payload: bytes, now: float) -> None:
         """Answer one request. Raises ProtocolViolation for a payload that is not text."""
         self.requests += 1
+        if session.usage is not None:
+            session.usage.requests += 1
         try:
             request = parse_request(payload)
             if request.op == OP_PING:
@@ -743,6 +908,24 @@ class ProxyServer:
             "messages_sent": self.frames_sent,
             "bytes_sent": self.bytes_sent,
             "drops": dict(self.drops),
+            "writes": self.hub.flushes - self.flushes_without_write,
+            "refused": dict(self.refused),
+            "disconnects": dict(self.disconnects),
+            "access": {
+                "api_keys": self.keys.enabled,
+                "max_connections_per_ip": self.per_address.limit,
+                "allowed_origins": len(self.config.allowed_origins),
+                "tls": bool(self.config.tls_cert),
+            },
+            "keys": {
+                kid: {
+                    "clients": u.clients,
+                    "connections": u.connections,
+                    "messages_sent": u.messages_sent,
+                    "requests": u.requests,
+                }
+                for kid, u in sorted(self.key_usage.items())
+            },
             "slow_clients": self.slow_client_stats(),
         }
 
@@ -777,11 +960,14 @@ def _bucket(value: int) -> int:
     return len(UNREAD_BUCKETS)
 
 
-def _http(status: int, body: dict[str, Any]) -> WSUpgradeResponseWithListener:
+def _http(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> WSUpgradeResponseWithListener:
     """A JSON answer to a plain GET (picows sends it with `Connection: close`)."""
     data = orjson.dumps(body)
+    all_headers = _JSON if headers is None else {**_JSON, **headers}
     if status == 200:
-        response = WSUpgradeResponse.create_ok_response(data, _JSON)
+        response = WSUpgradeResponse.create_ok_response(data, all_headers)
     else:
-        response = WSUpgradeResponse.create_error_response(status, data, _JSON)
+        response = WSUpgradeResponse.create_error_response(status, data, all_headers)
     return WSUpgradeResponseWithListener(response, None)

@@ -3,6 +3,11 @@
 Redis: FASTPROXY_TEST_REDIS_URL if set, else 127.0.0.1:6379 if it answers, else a private
 `redis-server` on a free port that this run starts and stops. Without any of these the run
 stops at once with a message saying what to install.
+
+Which database: the one in that URL (database 0 when it names none), and no other: every test
+works under its own random key prefix there and deletes its keys at the end; nothing flushes
+or selects another database. Tests that need Redis to fail or restart start their own
+redis-server on a free port. The run's header line says which URL and database it uses.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ def _redis_answers(host: str, port: int) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     global _redis_process, _redis_dir
     if os.environ.get("FASTPROXY_TEST_REDIS_URL"):
+        os.environ["FASTPROXY_TEST_REDIS_URL"] = _with_database(
+            os.environ["FASTPROXY_TEST_REDIS_URL"]
+        )
         return
     if _redis_answers("127.0.0.1", 6379):
         os.environ["FASTPROXY_TEST_REDIS_URL"] = "redis://127.0.0.1:6379/0"
@@ -91,6 +99,22 @@ def pytest_configure(config: pytest.Config) -> None:
             pytest.exit(f"Started redis-server on port {port} but it did not answer", returncode=3)
         time.sleep(0.05)
     os.environ["FASTPROXY_TEST_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+
+
+def _with_database(url: str) -> str:
+    """The URL with its database named: tests use exactly that one."""
+    head, sep, query = url.partition("?")
+    scheme, _, rest = head.partition("://")
+    host, slash, path = rest.partition("/")
+    if scheme.startswith("redis") and not (slash and path.strip("/")):
+        head = f"{scheme}://{host}/0"
+    return head + sep + query
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    url = os.environ.get("FASTPROXY_TEST_REDIS_URL", "")
+    database = url.partition("?")[0].rsplit("/", 1)[-1] if url else "?"
+    return f"redis: {url} (database {database} only; each test under its own key prefix)"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -360,3 +360,59 @@ async def test_client_behind_still_gets_a_snapshot_when_the_stream_restarts() ->
     await tick()
     last = session.messages()[-1]
     assert last["type"] == "snapshot" and last["data"]["price"] == "103.0"
+
+
+# -- residence and flush counters --------------------------------------------------------------
+
+
+def residence_count(hub: Hub, kind: str) -> int:
+    return sum(hub.residence[kind].counts)
+
+
+async def test_residence_and_flushes_counted_on_the_shared_path() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    a, b = FakeSession(), FakeSession()
+    hub.subscribe(a, [TICKER])
+    hub.subscribe(b, [TICKER])
+    feed(codec, SNAPSHOT, hub)
+    for i in range(3):
+        feed(codec, delta(f"10{i}.0", 2000 + i), hub)
+    await tick()
+    # one observation per Message (not per client), one flush per session written
+    assert residence_count(hub, "ticker") == 4
+    assert hub.flushes == 2 and len(a.writes) == len(b.writes) == 1
+    assert hub.residence["ticker"].total >= 0
+
+
+async def test_residence_and_flushes_counted_for_a_client_behind() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    tickers, trades = new_codec(TICKER), new_codec(TRADE)
+    slow = FakeSession()
+    hub.subscribe(slow, [TICKER, TRADE])
+    feed(tickers, SNAPSHOT, hub)
+    await tick()
+    before, flushes = residence_count(hub, "ticker"), hub.flushes
+    behind(hub, slow)  # the only subscriber is behind: Messages go to its Backlog alone
+    feed(tickers, delta("101.0", 2000), hub)
+    feed(trades, trade(1), hub)
+    await tick()
+    assert residence_count(hub, "ticker") == before + 1
+    assert residence_count(hub, "trade") == 1
+    assert hub.flushes == flushes  # paused: nothing written yet
+    drain(hub, slow)
+    await tick()
+    assert hub.flushes == flushes + 1 and len(slow.writes) == 2
+
+
+async def test_a_held_stream_then_subscribed_observes_residence() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    hub.hold([TICKER])  # a resume being prepared: no subscriber yet
+    feed(codec, SNAPSHOT, hub)
+    assert residence_count(hub, "ticker") == 0  # nobody to write it to
+    session = FakeSession()
+    hub.subscribe(session, [TICKER])
+    feed(codec, delta("101.0", 2000), hub)
+    await tick()
+    assert residence_count(hub, "ticker") == 1

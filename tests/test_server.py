@@ -299,7 +299,15 @@ async def test_http_endpoints() -> None:
     async with running_sim() as sim, running_proxy(sim) as app:
         status, body = await http_json(app, "/")
         assert status == 200
-        assert list(body) == ["name", "version", "websocket", "health", "ready", "metrics"]
+        assert list(body) == [
+            "name",
+            "version",
+            "websocket",
+            "health",
+            "ready",
+            "metrics",
+            "dashboard",
+        ]
         assert body["websocket"] == "/ws"
         status, body = await http_json(app, "/ready")
         assert (status, body) == (200, {"ok": True})

@@ -159,7 +159,10 @@ class UpstreamPool:
             "messages_in": self.messages_in,
             "bad_frames": self.bad_frames,
             "callback_errors": self.callback_errors,
-            "down_since": self.down_since,
+            # epoch ms, like every other time a client sees
+            "down_since": None
+            if self.down_since is None
+            else int((time.time() - (now - self.down_since)) * 1000),
             "stale_topics": len(self.stale),
         }
 

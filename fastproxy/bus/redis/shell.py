@@ -687,6 +687,7 @@ class RedisBus:
         st.role = OWNER
         st.buffer = None
         self.leases_won += 1
+        log.info("stream owner: this node", extra={"stream": st.stream.stream_id, "seq": base})
         if self._healthy:  # whatever freshness the last owner stored is not ours
             marker = encode_marker(KIND_STATUS, status_text(None, _wall_ms()))
             self._enqueue(st, ("!", "", marker))
@@ -694,6 +695,7 @@ class RedisBus:
     def _lose_ownership(self, st: _StreamState) -> None:
         if st.role is OWNER:
             self.leases_lost += 1
+            log.info("stream owner: another node", extra={"stream": st.stream.stream_id})
         self._feed.remove(st.stream)
         st.role = NONE
 
