@@ -76,7 +76,7 @@ class Feed:
         codec = self._codecs.get(stream.topic)
         return None if codec is None else codec.seq
 
-    def _on_data(self, topic: str, frame: dict, generation: int) -> None:
+    def _on_data(self, topic: str, frame: dict) -> None:
         codec = self._codecs.get(topic)
         if codec is None:  # in flight when we unsubscribed
             return

@@ -81,7 +81,7 @@ class _Listener(WSListener):
             if state.accept_data(topic, now):
                 pool.messages_in += 1
                 try:
-                    pool.on_data(topic, msg, state.generation)
+                    pool.on_data(topic, msg)
                 except Exception:
                     pool.callback_failed("on_data", topic)
             return
@@ -127,7 +127,7 @@ class RunnerOwner(Protocol):
     rng: random.Random
     budget: ConnectionBudget
     stopping: bool
-    on_data: Callable[[str, dict, int], None]
+    on_data: Callable[[str, dict], None]
     messages_in: int
     bad_frames: int
     connect_attempts: int

@@ -23,7 +23,7 @@ from fastproxy.upstream.settings import UpstreamSettings
 
 log = logging.getLogger("fastproxy.upstream")
 
-DataCallback = Callable[[str, dict, int], None]
+DataCallback = Callable[[str, dict], None]
 FailedCallback = Callable[[str, str], None]
 ResetCallback = Callable[[str], None]
 

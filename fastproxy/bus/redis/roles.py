@@ -217,10 +217,6 @@ class Roles:
             return [(SYNC, sid)]  # the lease is free: stand for election now
         return []
 
-    def wants_channel(self, sid: str) -> bool:
-        st = self.states.get(sid)
-        return st is not None and st.held and st.role is FOLLOWER
-
     def reconcile(self, sids: list[str]) -> list[Action]:
         """Channel subscriptions for these streams: each one this node follows, only those.
         SUBSCRIBE is asked for every followed stream (the shell skips one already open on the
