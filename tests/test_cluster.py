@@ -363,6 +363,45 @@ async def test_killed_owner_is_replaced_and_its_interest_expires(
             await client.aclose()
 
 
+async def test_frozen_owner_wakes_without_reused_numbers(shared_url: Callable[..., str]) -> None:
+    """An owner frozen (SIGSTOP) past its lease: on waking it must not serve its own clients
+    what its upstream buffered meanwhile under numbers the new owner has given to other data."""
+    ttl = 3
+    url = shared_url(ttl=ttl)
+    async with running_sim() as sim, proxies(sim, url, 3) as nodes, clients(nodes, 1) as everyone:
+        for c in everyone:
+            await c.subscribe("ticker:BTCUSDT")
+        await until(lambda: all(len(c.of(BTC)) >= 20 for c in everyone), 60, "data everywhere")
+        buses = [await n.bus() for n in nodes]
+        [owner_index] = [i for i, b in enumerate(buses) if b["streams_owned"] == 1]
+        frozen, woken = nodes[owner_index], everyone[owner_index]
+        others = [c for i, c in enumerate(everyone) if i != owner_index]
+        frozen.process.send_signal(signal.SIGSTOP)
+        try:
+            before = [len(c.of(BTC)) for c in others]
+            await asyncio.sleep(ttl * 2)  # the lease lapses; a survivor takes over
+            assert all(len(c.of(BTC)) > n for c, n in zip(others, before, strict=True))
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)
+        woke_at = asyncio.get_running_loop().time()
+        await until(
+            lambda: len([t for t, _, m in woken.got if t >= woke_at]) >= 30,
+            30,
+            "the woken node's client served again",
+        )
+        await asyncio.sleep(0.5)  # the others' clients have what the woken one got
+        served = {seq: raw for c in others for seq, raw in c.raw_of(BTC).items()}
+        after = [(raw, m) for t, raw, m in woken.got if t >= woke_at and m["stream"] == BTC]
+        reused = [
+            m["seq"] for raw, m in after if m["type"] == "update" and served.get(m["seq"]) != raw
+        ]
+        assert not reused, f"{len(reused)} updates under numbers the cluster used for other data"
+        seqs = [m["seq"] for m in woken.of(BTC)]
+        assert seqs == sorted(set(seqs)), "numbering went backwards or repeated"
+        assert_no_duplicate_and_jumps_marked(woken.of(BTC))
+        assert (await frozen.bus())["lease_withheld"] > 0
+
+
 async def test_redis_restart_mid_stream(private_redis: PrivateRedis) -> None:  # noqa: F811
     url = unique_url(private_redis.url, ttl=3)
     async with running_sim() as sim, proxies(sim, url, 3) as nodes, clients(nodes, 2) as everyone:
