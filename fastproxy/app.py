@@ -11,7 +11,7 @@ from typing import Any
 from fastproxy import __version__
 from fastproxy.bus import Bus, MemoryBus
 from fastproxy.codec import IMPLEMENTATION
-from fastproxy.config import Config
+from fastproxy.config import Config, ConfigError
 from fastproxy.feed import Feed
 from fastproxy.hub import Hub
 from fastproxy.logs import setup_logging
@@ -125,7 +125,7 @@ class App:
         ):
             reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
         if not self.bus.healthy:
-            reasons.append("redis unreachable")
+            reasons.append(bus.get("reason") or "redis not usable")
         body: dict[str, Any] = {"upstream": upstream, "bus": bus}
         if reasons:
             body["reason"] = "; ".join(reasons)
@@ -170,7 +170,7 @@ def run(config: Config) -> int:
     setup_logging(config.log_format, config.debug, config.environment)
     try:
         uvloop.run(App(config).run_until_signalled())
-    except OSError as exc:  # port in use, address not available
+    except (OSError, ConfigError) as exc:  # port in use; a Redis unfit for cluster mode
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -65,7 +65,7 @@ from fastproxy.bus.redis.roles import (
     StreamRole,
 )
 from fastproxy.codec import Message
-from fastproxy.config import Config
+from fastproxy.config import Config, ConfigError
 from fastproxy.streams import Stream
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ class RedisBus:
         self._pub_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reason = "not started"
+        self._settled = False  # a pass went through since the last (re)join
         self._stopping = False
         self.nodes_alive = 0
         self.published = 0
@@ -150,10 +151,16 @@ class RedisBus:
     async def start(self) -> None:
         try:
             await self._connect()
+        except ConfigError:
+            raise  # a Redis that would corrupt the cluster's state: refuse to start
         except Exception as exc:  # a node starts and serves even when Redis is down
             self._fail(exc)
         else:
             self._rejoin()
+            # connected and scripts loaded: healthy at once, as a first pass that fails says
+            # otherwise (after an outage, health waits for a pass that went through)
+            self._settled = True
+            self._reason = ""
         self._tasks = [
             asyncio.create_task(self._control(), name="redis-bus-control"),
             asyncio.create_task(self._publisher(), name="redis-bus-publisher"),
@@ -161,7 +168,7 @@ class RedisBus:
 
     async def stop(self) -> None:
         await self._halt()
-        if self.healthy and self._client is not None:
+        if self._roles.healthy and self._client is not None:
             try:
                 await within(self.op_timeout * 2, self._goodbye())
             except Exception as exc:
@@ -229,7 +236,8 @@ class RedisBus:
 
     @property
     def healthy(self) -> bool:
-        return self._roles.healthy
+        """Redis answers and the bus's last pass since (re)joining went through."""
+        return self._roles.healthy and self._settled
 
     def role(self, stream: Stream) -> str:
         st = self._roles.states.get(stream.stream_id)
@@ -314,7 +322,7 @@ class RedisBus:
                     await within(delay, self._wake.wait())
             self._wake.clear()
             try:
-                if not self.healthy:
+                if not self._roles.healthy:
                     await self._connect()
                     self._rejoin()
                     next_beat = 0.0
@@ -322,6 +330,10 @@ class RedisBus:
                 if beat:
                     next_beat = loop.time() + self.beat
                 await self._pass(beat)
+                if not self._settled and self._roles.healthy:
+                    self._settled = True
+                    self._reason = ""
+                    log.info("redis usable again: rejoined the cluster", extra={"mode": self._mode})
                 backoff = 0.25
             except asyncio.CancelledError:
                 raise
@@ -369,7 +381,7 @@ class RedisBus:
             calls.append(("fetch", st, ()))
         for start in range(0, len(calls), _PIPELINE_MAX):
             await self._run_calls(calls[start : start + _PIPELINE_MAX])
-        if not self.healthy:
+        if not self._roles.healthy:
             return
         touched = {id(st): st for _, st, _ in calls if st is not None}
         await self._reconcile([st.sid for st in touched.values()] if not beat else list(states))
@@ -393,7 +405,7 @@ class RedisBus:
                 _evalsha(pipe, script, keys, args)
         sent_at = time.monotonic()  # a lease renewed by this pipeline lasts from here at least
         results = await self._execute(pipe)
-        if not self.healthy:
+        if not self._roles.healthy:
             return  # failed meanwhile (publisher, reader): the rejoin redoes all of this
         roles = self._roles
         reload = False
@@ -407,14 +419,9 @@ class RedisBus:
                     if kind == "fetch":
                         self._fetch.add(st.sid)
                 continue
-            if isinstance(result, ResponseError):
-                self.redis_errors += 1
-                self.last_error = f"{kind}: {result}"
-                log.error(
-                    "redis refused a bus script", extra={"script": kind, "error": str(result)}
-                )
-                continue
             if isinstance(result, BaseException):
+                # a refusal (OOM, READONLY, LOADING, ...) leaves the cluster unable to agree on
+                # owners just as an outage does, and is handled as one
                 raise result
             if kind == "node":
                 self.nodes_alive = int(result)
@@ -484,7 +491,7 @@ class RedisBus:
             await self._pub_wake.wait()
             self._pub_wake.clear()
             while queue and not self._stopping:
-                if not self.healthy or self._client is None:
+                if not self._roles.healthy or self._client is None:
                     queue.clear()
                     break
                 batch = [queue.popleft() for _ in range(min(len(queue), 4096))]
@@ -559,16 +566,16 @@ class RedisBus:
         """(Re)build the client, learn whether the server is a cluster, load the scripts."""
         await self._drop_connections()
         cluster = self.options.cluster
-        if cluster is None:
-            probe = Redis.from_url(self._url, **self._connection_options(retries=0))
-            try:
-                info = await within(self.op_timeout, probe.info("cluster"))
-            except ResponseError:
-                info = {}  # INFO renamed or refused (some managed services): not a cluster
-            finally:
-                with contextlib.suppress(Exception):
-                    await probe.aclose()
-            cluster = bool(int(info.get("cluster_enabled", 0) or 0))
+        probe = Redis.from_url(self._url, **self._connection_options(retries=0))
+        try:
+            memory = await _info(probe, "memory", self.op_timeout)
+            check_eviction_policy(memory.get("maxmemory_policy"))
+            if cluster is None:
+                info = await _info(probe, "cluster", self.op_timeout)
+                cluster = bool(int(info.get("cluster_enabled", 0) or 0))
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.aclose()
         if cluster:
             client: Any = RedisCluster.from_url(
                 without_db(self._url),
@@ -618,14 +625,16 @@ class RedisBus:
 
     def _fail(self, exc: BaseException) -> None:
         self.redis_errors += 1
-        reason = f"redis unreachable: {exc!r}"
+        reason = _reason_of(exc)
         self.last_error = reason
         self._reason = reason
+        was_settled, self._settled = self._settled, False
         self._wake.set()
-        if not self.healthy:
+        if not self._roles.healthy:
             return
-        log.warning(
-            "redis unreachable: serving local clients alone until it returns",
+        # a rejoin that fails at once (Redis answers but refuses) is the same outage going on
+        (log.warning if was_settled else log.debug)(
+            "redis not usable: serving local clients alone until it is",
             extra={
                 "error": repr(exc),
                 "streams": sum(st.held for st in self._roles.states.values()),
@@ -641,8 +650,7 @@ class RedisBus:
     def _rejoin(self) -> None:
         if self._reason != "not started":
             self.reconnects += 1
-            log.info("redis reachable again: rejoining the cluster", extra={"mode": self._mode})
-        self._reason = ""
+            log.debug("redis answers again: rejoining the cluster", extra={"mode": self._mode})
         self._perform(self._roles.redis_up())
 
     @property
@@ -671,6 +679,35 @@ class RedisBus:
             _evalsha(pipe, lua.LEAVE, keys.script_keys, args)
         _evalsha(pipe, lua.NODE, [self._k_nodes], [self._node, self._ms(self.ttl), "1"])
         await self._execute(pipe)
+
+
+# Every key the bus writes carries a TTL, so a policy that evicts volatile keys evicts ours too:
+# a lease or interest entry gone early splits ownership, a stored seq gone restarts numbering.
+SAFE_POLICIES = ("noeviction",)
+
+
+def check_eviction_policy(policy: str | None) -> None:
+    """Refuse a Redis that may evict the bus's keys (None: the server does not say)."""
+    if policy is not None and policy not in SAFE_POLICIES:
+        raise ConfigError(
+            f"REDIS_URL: the server's maxmemory-policy is {policy}, which may evict the bus's "
+            "keys; cluster mode needs maxmemory-policy noeviction"
+        )
+
+
+async def _info(client: Redis, section: str, timeout: float) -> dict[str, Any]:
+    try:
+        return await within(timeout, client.info(section))
+    except ResponseError:
+        return {}  # INFO renamed or refused (some managed services)
+
+
+def _reason_of(exc: BaseException) -> str:
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, ResponseError):
+        return f"redis refuses the bus's commands: {type(exc).__name__}: {exc}"
+    return f"redis unreachable: {exc!r}"
 
 
 def _evalsha(pipe: Any, script: lua.Script, keys: list[str], args: list[Any]) -> None:
