@@ -71,10 +71,12 @@ class App:
             metrics=metrics_renderer(self.stats),
             version=__version__,
         )
-        await self.catalogue.start()
         await self.feed.start()
         await self.bus.start()
         await self.server.start()
+        # In the background: an exchange whose instrument list does not answer must not keep
+        # the port closed; until the list is known, symbols get syntax checks only.
+        await self.catalogue.start()
         log.info(
             "fastproxy listening",
             extra={

@@ -136,7 +136,19 @@ SETTINGS: tuple[Setting, ...] = (
         "MAX_MESSAGE_RATE_PER_CLIENT",
         _int_range(1),
         "100",
-        "most frames a client may send a second",
+        "most frames a client may send a second, control frames (ping, pong) included",
+    ),
+    Setting(
+        "MAX_STREAM_CHANGE_RATE_PER_CLIENT",
+        _int_range(1),
+        "200",
+        "most streams a client may subscribe plus unsubscribe a second",
+    ),
+    Setting(
+        "MAX_SNAPSHOT_RATE_PER_CLIENT",
+        _int_range(1),
+        "100",
+        "most snapshots (newly subscribed streams) a client may cause a second",
     ),
     Setting(
         "CLIENT_IDLE_TIMEOUT",
@@ -204,6 +216,8 @@ class Config:
     max_clients_total: int = 10000
     max_subscriptions_per_client: int = 100
     max_message_rate_per_client: int = 100
+    max_stream_change_rate_per_client: int = 200
+    max_snapshot_rate_per_client: int = 100
     client_idle_timeout: float = 300.0
     fanout_callback_timeout: float = 5.0
     write_buffer_soft_limit: int = 262144

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -47,6 +49,73 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+
+# Lines that clients can trigger at will (bad frames, floods, drops): at most CLIENT_LOG_BURST
+# of each kind per CLIENT_LOG_INTERVAL seconds, never above WARNING.
+CLIENT_LOG_INTERVAL = 10.0
+CLIENT_LOG_BURST = 5
+
+
+class LogLimiter:
+    """At most `burst` lines per key in each window of `interval` seconds. The first line let
+    through after some were held back carries their count (`suppressed=N`)."""
+
+    __slots__ = ("_clock", "_windows", "burst", "interval")
+
+    def __init__(
+        self,
+        interval: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self.burst = burst
+        self._clock = clock
+        # key -> [window start, lines let through in it, lines held back since the last one]
+        self._windows: dict[object, list[float]] = {}
+
+    def allow(self, key: object) -> int | None:
+        """None: hold this line back. Else the number held back before it (0 for none)."""
+        now = self._clock()
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) > 1000:  # keys are message templates; bound them anyway
+                self._windows.clear()
+            window = self._windows[key] = [now, 0, 0]
+        elif now - window[0] >= self.interval:
+            window[0], window[1] = now, 0
+        if window[1] >= self.burst:
+            window[2] += 1
+            return None
+        window[1] += 1
+        held, window[2] = int(window[2]), 0
+        return held
+
+
+class ThrottledLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger for lines clients can cause at will: rate-limited per message template (and
+    `reason`, when one is given), and never above `ceiling`: a client's bad bytes are a
+    WARNING, not our ERROR. picows gets one too, for its handshake and frame-parser lines."""
+
+    def __init__(self, logger: logging.Logger, ceiling: int = logging.WARNING) -> None:
+        super().__init__(logger, {})
+        self.ceiling = ceiling
+        self.limiter = LogLimiter(CLIENT_LOG_INTERVAL, CLIENT_LOG_BURST)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level > self.ceiling:
+            level = self.ceiling
+        if not self.isEnabledFor(level):
+            return
+        extra = kwargs.get("extra")
+        reason = extra.get("reason") if extra else None
+        held = self.limiter.allow(msg if reason is None else (msg, reason))
+        if held is None:
+            return
+        if held:
+            kwargs["extra"] = {**(extra or {}), "suppressed": held}
+        self.logger.log(level, msg, *args, **kwargs)
 
 
 def setup_logging(fmt: str = "json", debug: bool = False, environment: str = "") -> None:

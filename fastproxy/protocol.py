@@ -6,6 +6,7 @@ socket: the server feeds frames in and writes the bytes that come out.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +25,13 @@ UNKNOWN_OP = "UNKNOWN_OP"
 INVALID_ARGS = "INVALID_ARGS"
 LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
 RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
+SUBSCRIPTION_RATE_EXCEEDED = "SUBSCRIPTION_RATE_EXCEEDED"
 UPSTREAM_REJECTED = "UPSTREAM_REJECTED"
 INTERNAL_ERROR = "INTERNAL_ERROR"
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_TEXT = 1007
 CLOSE_TOO_BIG = 1009
 CLOSE_IDLE = 4000
 CLOSE_CONNECTION_LIMIT = 4003
@@ -42,14 +46,38 @@ MAX_ARG_LENGTH = 64
 MAX_REQ_ID_LENGTH = 128
 
 
+class ProtocolViolation(Exception):
+    """A frame that breaks RFC 6455: the connection is closed with `code`."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
 class RequestError(Exception):
     """A request we answer with an error reply. `message` is safe to show the client."""
 
-    def __init__(self, code: str, message: str, req_id: Any = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        req_id: Any = None,
+        *,
+        args: list[str] | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.req_id = req_id
+        self.args_refused = args  # not `args`: Exception has its own
+        self.retry_after_ms = retry_after_ms
+
+    def reply(self) -> bytes:
+        return error_reply(
+            self.code, self.message, self.req_id, self.args_refused, self.retry_after_ms
+        )
 
 
 @dataclass(slots=True)
@@ -67,11 +95,31 @@ def _valid_req_id(value: Any) -> bool:
     return isinstance(value, int | float)
 
 
+def _number_token(token: str) -> orjson.Fragment:
+    return orjson.Fragment(token)
+
+
+def _exact_req_id(payload: bytes | str) -> Any:
+    """The req_id as the client wrote it, for numbers a float would change (1e30, 1.50): the
+    raw JSON token, which orjson writes back verbatim. Only on this rare path is the payload
+    parsed a second time."""
+    obj = json.loads(payload, parse_float=_number_token, parse_int=_number_token)
+    return obj.get("req_id")
+
+
 def parse_request(payload: bytes | str, max_args: int = MAX_ARGS_PER_REQUEST) -> Request:
-    """Decode one text frame into a Request, or raise RequestError with the code to answer."""
+    """Decode one text frame into a Request, or raise RequestError with the code to answer.
+
+    Raises ProtocolViolation(1007) for a text payload that is not UTF-8: orjson checks that
+    anyway, so the valid path pays nothing for it."""
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
+        if isinstance(payload, bytes | bytearray | memoryview):
+            try:
+                bytes(payload).decode()
+            except UnicodeDecodeError:
+                raise ProtocolViolation(CLOSE_INVALID_TEXT, "text frame is not UTF-8") from None
         raise RequestError(INVALID_JSON, "Message must be a JSON object") from None
     if not isinstance(obj, dict):
         raise RequestError(INVALID_JSON, "Message must be a JSON object")
@@ -80,6 +128,8 @@ def parse_request(payload: bytes | str, max_args: int = MAX_ARGS_PER_REQUEST) ->
         raise RequestError(
             INVALID_ARGS, f"req_id must be a string of at most {MAX_REQ_ID_LENGTH} or a number"
         )
+    if isinstance(req_id, float):
+        req_id = _exact_req_id(payload)
     op = obj.get("op")
     if op not in OPS:
         message = "Missing 'op'" if op is None else "Unknown op; use subscribe, unsubscribe or ping"
@@ -203,34 +253,112 @@ def pong_reply(now_ms: int, req_id: Any = None) -> bytes:
 
 
 def error_reply(
-    code: str, message: str, req_id: Any = None, args: list[str] | None = None
+    code: str,
+    message: str,
+    req_id: Any = None,
+    args: list[str] | None = None,
+    retry_after_ms: int | None = None,
 ) -> bytes:
     reply: dict[str, Any] = {"op": "error", "code": code, "message": message}
     if args is not None:
         reply["args"] = args
+    if retry_after_ms is not None:
+        reply["retry_after_ms"] = retry_after_ms
     return _with_req_id(reply, req_id)
 
 
 class TokenBucket:
-    """Frames a client may send: `rate` a second, bursts up to `rate`. Monotonic seconds."""
+    """`rate` units a second, bursts up to `capacity` (default: `rate`). Monotonic seconds.
 
-    __slots__ = ("_last", "_tokens", "rate")
+    `take` is the one-frame path; `available`, `charge` and `wait` serve budgets where one
+    request costs many units."""
 
-    def __init__(self, rate: float, now: float) -> None:
+    __slots__ = ("_last", "_tokens", "capacity", "rate")
+
+    def __init__(self, rate: float, now: float, capacity: float | None = None) -> None:
         self.rate = rate
-        self._tokens = float(rate)
+        self.capacity = float(rate if capacity is None else capacity)
+        self._tokens = self.capacity
         self._last = now
+
+    def available(self, now: float) -> float:
+        tokens = self._tokens + (now - self._last) * self.rate
+        self._last = now
+        if tokens > self.capacity:
+            tokens = self.capacity
+        self._tokens = tokens
+        return tokens
 
     def take(self, now: float) -> bool:
         tokens = self._tokens + (now - self._last) * self.rate
         self._last = now
-        if tokens > self.rate:
-            tokens = self.rate
+        if tokens > self.capacity:
+            tokens = self.capacity
         if tokens >= 1.0:
             self._tokens = tokens - 1.0
             return True
         self._tokens = tokens
         return False
+
+    def charge(self, now: float, count: float) -> None:
+        """Spend `count` whatever the balance; a debt delays what comes next."""
+        self._tokens = self.available(now) - count
+
+    def wait(self, now: float, count: float) -> float:
+        """Seconds until `count` units (at most the capacity) are there."""
+        missing = min(count, self.capacity) - self.available(now)
+        return max(0.0, missing / self.rate)
+
+
+class SubscriptionBudget:
+    """The work one client may cause: streams subscribed plus unsubscribed a second, and
+    snapshots (one per newly subscribed stream) a second. Both bursts are at least the
+    subscription cap, so a client can always take its whole allowance in one request.
+
+    A subscribe over budget is refused whole; an unsubscribe is never refused (it only ever
+    lowers the load) but is charged, so churning costs the same either way."""
+
+    __slots__ = ("_changes", "_snapshots")
+
+    def __init__(self, change_rate: float, snapshot_rate: float, cap: int, now: float) -> None:
+        self._changes = TokenBucket(change_rate, now, max(change_rate, cap))
+        self._snapshots = TokenBucket(snapshot_rate, now, max(snapshot_rate, cap))
+
+    def exhausted(self, now: float, args: int) -> RequestError | None:
+        """A refusal before the request is even planned, when nothing at all is left: the
+        cheap answer to a client that keeps asking."""
+        if self._changes.available(now) >= 1.0 and self._snapshots.available(now) >= 1.0:
+            return None
+        return self.refusal(now, args)
+
+    def admit(self, now: float, new_streams: int) -> RequestError | None:
+        """Spend the budget for a subscribe adding `new_streams`, or say why not."""
+        if not new_streams:
+            return None
+        changes, snapshots = self._changes, self._snapshots
+        if changes.available(now) >= new_streams and snapshots.available(now) >= new_streams:
+            changes.charge(now, new_streams)
+            snapshots.charge(now, new_streams)
+            return None
+        return self.refusal(now, new_streams)
+
+    def refusal(self, now: float, streams: int) -> RequestError:
+        change_wait = self._changes.wait(now, streams)
+        snapshot_wait = self._snapshots.wait(now, streams)
+        if change_wait >= snapshot_wait:
+            what = f"{self._changes.rate:g} stream changes (subscribe plus unsubscribe) a second"
+        else:
+            what = f"{self._snapshots.rate:g} snapshots (newly subscribed streams) a second"
+        retry_ms = int(max(change_wait, snapshot_wait) * 1000) + 1
+        return RequestError(
+            SUBSCRIPTION_RATE_EXCEEDED,
+            f"At most {what}; nothing in this request was applied, retry in {retry_ms} ms",
+            retry_after_ms=retry_ms,
+        )
+
+    def charge_unsubscribe(self, now: float, streams: int) -> None:
+        if streams:
+            self._changes.charge(now, streams)
 
 
 class FloodGuard:
@@ -266,3 +394,57 @@ class FloodGuard:
             self._last_warned = now
             return self.WARN
         return self.DROP
+
+
+OPCODE_CONTINUATION = 0x0
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+
+
+class MessageAssembler:
+    """Joins a fragmented message (RFC 6455 section 5.4) up to `max_size` bytes.
+
+    A session makes one only when a client first fragments, so the common path (one frame, one
+    message) never touches it. Control frames never come here: they may interleave."""
+
+    __slots__ = ("_buffer", "_opcode", "max_size")
+
+    def __init__(self, max_size: int = MAX_FRAME_SIZE) -> None:
+        self.max_size = max_size
+        self._opcode: int | None = None  # the message in progress; None: none is
+        self._buffer: bytearray | None = None  # None while one is being discarded
+
+    @property
+    def busy(self) -> bool:
+        return self._opcode is not None
+
+    def feed(self, opcode: int, fin: bool, payload: bytes | memoryview) -> tuple[int, bytes] | None:
+        """(opcode, payload) of a whole message, None while one is incomplete or discarded.
+        Raises ProtocolViolation for frames out of order (1002) or a message too big (1009)."""
+        if opcode == OPCODE_CONTINUATION:
+            if self._opcode is None:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "continuation frame of no message")
+            buffer = self._buffer
+            if buffer is not None:
+                buffer += payload
+                if len(buffer) > self.max_size:
+                    raise ProtocolViolation(CLOSE_TOO_BIG, "message too big")
+            if not fin:
+                return None
+            message_opcode, self._opcode, self._buffer = self._opcode, None, None
+            return None if buffer is None else (message_opcode, bytes(buffer))
+        if self._opcode is not None:
+            raise ProtocolViolation(
+                CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended"
+            )
+        if fin:
+            return opcode, bytes(payload)
+        self._opcode = opcode
+        self._buffer = bytearray(payload)
+        return None
+
+    def discard(self) -> None:
+        """Drop the message in progress (its frame was refused); its remaining fragments are
+        read and ignored."""
+        if self._opcode is not None:
+            self._buffer = None

@@ -23,16 +23,18 @@ from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
 
 from fastproxy.config import Config
+from fastproxy.handshake import check_upgrade, serve_ws
 from fastproxy.hub import Hub
+from fastproxy.logs import ThrottledLog
 from fastproxy.protocol import (
     CLOSE_CONNECTION_LIMIT,
     CLOSE_FLOODING,
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
+    CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
     CLOSE_TOO_SLOW,
     INTERNAL_ERROR,
@@ -42,7 +44,10 @@ from fastproxy.protocol import (
     OP_SUBSCRIBE,
     RATE_LIMIT_EXCEEDED,
     FloodGuard,
+    MessageAssembler,
+    ProtocolViolation,
     RequestError,
+    SubscriptionBudget,
     error_reply,
     parse_request,
     plan_subscribe,
@@ -58,6 +63,10 @@ log = logging.getLogger("fastproxy.server")
 # After a close frame, how long a client gets to read what is queued before the socket is cut.
 CLOSE_GRACE = 2.0
 HOUSEKEEPING_INTERVAL = 1.0
+# A client over its frame rate is not read from for this long: TCP flow control then holds its
+# flood in the kernel at no cost to us, instead of every frame being parsed only to be dropped.
+# Shorter than the second without refusals that ends a flood, so a flood stays one flood.
+FLOOD_READ_PAUSE = 0.5
 # Client frames are tiny; picows grows the buffer when one is not.
 READ_BUFFER_INIT = 1024
 # Connections the kernel may queue before we accept them (it caps this at net.core.somaxconn).
@@ -75,9 +84,10 @@ class ClientSession(WSListener):
     # CPython's generic lookup, which cost the fan-out loop more than its own work; slots are
     # also ~300 bytes a connection smaller.
     __slots__ = (
+        "assembler",
+        "budget",
         "closed",
         "connected_at",
-        "fragments",
         "guard",
         "last_ping",
         "last_seen",
@@ -103,8 +113,15 @@ class ClientSession(WSListener):
         self.last_seen = now
         self.last_ping = now
         self.over_soft_since: float | None = None
-        self.guard = FloodGuard(server.config.max_message_rate_per_client, now)
-        self.fragments: bytearray | None = None
+        config = server.config
+        self.guard = FloodGuard(config.max_message_rate_per_client, now)
+        self.budget = SubscriptionBudget(
+            config.max_stream_change_rate_per_client,
+            config.max_snapshot_rate_per_client,
+            config.max_subscriptions_per_client,
+            now,
+        )
+        self.assembler: MessageAssembler | None = None  # made when the client first fragments
         self.closed = False
 
     # -- picows callbacks ----------------------------------------------------------------
@@ -127,40 +144,82 @@ class ClientSession(WSListener):
         now = time.monotonic()
         self.last_seen = now
         msg_type = frame.msg_type
-        if msg_type == WSMsgType.PONG:
+        if msg_type == WSMsgType.CLOSE:  # honoured whatever the rate: it ends the session
+            self.closed = True
+            self.server.forget(self)
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self.violation(CLOSE_PROTOCOL_ERROR, "reserved bit set; no extension was negotiated")
+            return
+        # Every frame counts, control frames too: answering a ping costs as much as a request.
+        verdict = self.guard.check(now)
+        if verdict:
+            self._refuse(verdict)
             return
         if msg_type == WSMsgType.PING:
             transport.send_pong(frame.get_payload_as_bytes())
             return
-        if msg_type == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code())
-            transport.disconnect()
+        if msg_type == WSMsgType.PONG:
             return
-        payload = self._assemble(frame, msg_type)
-        if payload is None:
-            return
-        verdict = self.guard.check(now)
-        if verdict:
-            if verdict == FloodGuard.WARN:
-                self.reply(
-                    error_reply(
-                        RATE_LIMIT_EXCEEDED,
-                        f"More than {self.server.config.max_message_rate_per_client} "
-                        "messages a second; messages are being dropped",
-                    )
-                )
-            elif verdict == FloodGuard.CLOSE:
-                self.server.count_drop("flooding")
-                self.close(CLOSE_FLOODING, "kept flooding after RATE_LIMIT_EXCEEDED")
-            return
+        assembler = self.assembler
+        if frame.fin and assembler is None and msg_type != WSMsgType.CONTINUATION:
+            payload = frame.get_payload_as_bytes()
+        else:
+            if assembler is None:
+                assembler = self.assembler = MessageAssembler()
+            try:
+                message = assembler.feed(msg_type, frame.fin, frame.get_payload_as_memoryview())
+            except ProtocolViolation as exc:
+                self.violation(exc.code, exc.reason)
+                return
+            if message is None:
+                return
+            msg_type, payload = message
         if msg_type == WSMsgType.BINARY:
             self.reply(error_reply(INVALID_JSON, "Binary frames are not supported; send JSON text"))
             return
         try:
-            self.server.handle_request(self, payload)
+            self.server.handle_request(self, payload, now)
+        except ProtocolViolation as exc:
+            self.violation(exc.code, exc.reason)
         except Exception:
-            log.exception("request failed", extra={"peer": self.peer})
+            self.server.bug_log.exception("request failed", extra={"peer": self.peer})
             self.reply(error_reply(INTERNAL_ERROR, "Internal error"))
+
+    def _refuse(self, verdict: int) -> None:
+        """A frame over the rate limit: dropped unanswered, a fragmented message with it."""
+        if self.assembler is not None:
+            self.assembler.discard()
+        raw = self.raw
+        if verdict != FloodGuard.CLOSE and raw.is_reading():
+            raw.pause_reading()
+            asyncio.get_running_loop().call_later(FLOOD_READ_PAUSE, self._resume_reading)
+        if verdict == FloodGuard.WARN:
+            self.reply(
+                error_reply(
+                    RATE_LIMIT_EXCEEDED,
+                    f"More than {self.server.config.max_message_rate_per_client} "
+                    "messages a second; messages are being dropped",
+                )
+            )
+        elif verdict == FloodGuard.CLOSE:
+            # Read again while closing: unread input would make the kernel reset the
+            # connection, and the client would never see the close code.
+            self._resume_reading()
+            self.server.count_drop("flooding")
+            self.close(CLOSE_FLOODING, "kept flooding after RATE_LIMIT_EXCEEDED")
+
+    def _resume_reading(self) -> None:
+        raw = self.raw
+        if not raw.is_closing() and not raw.is_reading():
+            raw.resume_reading()
+
+    def violation(self, code: int, reason: str) -> None:
+        """A frame that breaks RFC 6455: closed with its code (1002, 1007, 1009)."""
+        self.server.count_drop("too_big" if code == CLOSE_TOO_BIG else "protocol_error")
+        self.close(code, reason)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closed = True
@@ -174,26 +233,6 @@ class ClientSession(WSListener):
         self.over_soft_since = None
 
     # -- output --------------------------------------------------------------------------
-
-    def _assemble(self, frame: WSFrame, msg_type: WSMsgType) -> bytes | None:
-        """Whole message payload, joining fragments; None while a message is incomplete."""
-        if msg_type == WSMsgType.CONTINUATION:
-            if self.fragments is None:
-                return None  # a continuation of nothing: ignore it
-            self.fragments += frame.get_payload_as_memoryview()
-            if len(self.fragments) > MAX_FRAME_SIZE:
-                self.fragments = None
-                self.server.count_drop("too_big")
-                self.close(CLOSE_TOO_BIG, "message too big")
-                return None
-            if not frame.fin:
-                return None
-            payload, self.fragments = bytes(self.fragments), None
-            return payload
-        if not frame.fin:
-            self.fragments = bytearray(frame.get_payload_as_memoryview())
-            return None
-        return frame.get_payload_as_bytes()
 
     def reply(self, payload: bytes) -> None:
         self.server.hub.send_payload(self, payload)
@@ -272,11 +311,15 @@ class ProxyServer:
         self.drops: dict[str, int] = {}
         self.ping_interval = max(1.0, min(30.0, config.client_idle_timeout / 3))
         self.hard_limit = config.write_buffer_hard_limit  # read on every flush
+        # What clients cause is logged through these: rate-limited, a client's fault WARNING
+        # at most, our own bugs (an exception a request raised) ERROR.
+        self.client_log = ThrottledLog(log)
+        self.bug_log = ThrottledLog(log, ceiling=logging.ERROR)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = await ws_create_server(
+        self._server = await serve_ws(
             self._route,
             self.config.host,
             self.config.port,
@@ -287,7 +330,7 @@ class ProxyServer:
             websocket_handshake_timeout=10,
             # An adapter, not a logger name: given a Logger, picows makes a child Logger per
             # connection and keeps it for the connection's life (~0.6 KiB each).
-            logger_name=logging.LoggerAdapter(logging.getLogger("picows.server"), {}),
+            logger_name=ThrottledLog(logging.getLogger("picows.server")),
             reuse_address=True,
             backlog=LISTEN_BACKLOG,
             # uvloop's own transport: aiofastnet's costs ~5 KiB more per connection.
@@ -322,6 +365,9 @@ class ProxyServer:
     def _route(self, request: WSUpgradeRequest) -> Any:
         path = request.path.split(b"?", 1)[0]
         if path == b"/ws":
+            refusal = check_upgrade(request.headers)
+            if refusal is not None:
+                return refusal.with_listener()
             if self.draining or not self.ready:
                 return WSUpgradeResponseWithListener(
                     WSUpgradeResponse.create_error_response(503, b"shutting down"), None
@@ -334,8 +380,6 @@ class ProxyServer:
                 request.headers["Connection"] = "Upgrade"
             peer = request.headers.get("x-forwarded-for", "")
             return ClientSession(self, peer)
-        if request.method != b"GET":
-            return _http(405, {"error": "method not allowed"})
         if path == b"/":
             return _http(
                 200,
@@ -385,31 +429,40 @@ class ProxyServer:
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         if reason not in ("connection_limit",):
-            log.info("client dropped", extra={"reason": reason})
+            self.client_log.info("client dropped", extra={"reason": reason})
 
-    def handle_request(self, session: ClientSession, payload: bytes) -> None:
+    def handle_request(self, session: ClientSession, payload: bytes, now: float) -> None:
+        """Answer one request. Raises ProtocolViolation for a payload that is not text."""
         self.requests += 1
         try:
             request = parse_request(payload)
             if request.op == OP_PING:
                 session.reply(pong_reply(int(time.time() * 1000), request.req_id))
             elif request.op == OP_SUBSCRIBE:
-                plan = plan_subscribe(
-                    request.args,
-                    session.streams,
-                    self.config.max_subscriptions_per_client,
-                    self.symbol_known,
-                    request.req_id,
-                )
+                budget = session.budget
+                refusal = budget.exhausted(now, len(request.args))
+                if refusal is None:
+                    plan = plan_subscribe(
+                        request.args,
+                        session.streams,
+                        self.config.max_subscriptions_per_client,
+                        self.symbol_known,
+                        request.req_id,
+                    )
+                    refusal = budget.admit(now, len(plan.new_streams))
+                if refusal is not None:
+                    refusal.req_id, refusal.args_refused = request.req_id, request.args
+                    raise refusal
                 session.reply(subscribe_reply(plan, request.req_id))  # the ack goes first
                 if plan.new_streams:
                     self.hub.subscribe(session, plan.new_streams)
             else:
                 unplan = plan_unsubscribe(request.args, session.streams)
+                session.budget.charge_unsubscribe(now, len(unplan.streams))
                 self.hub.unsubscribe(session, unplan.streams)
                 session.reply(unsubscribe_reply(unplan, request.req_id))
         except RequestError as exc:
-            session.reply(error_reply(exc.code, exc.message, exc.req_id))
+            session.reply(exc.reply())
 
     async def _housekeep(self) -> None:
         """Once a second: idle clients out, quiet clients pinged, slow clients dropped."""

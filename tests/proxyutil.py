@@ -45,6 +45,9 @@ async def running_proxy(sim: Simulator, **overrides: Any) -> AsyncIterator[App]:
     options.update(overrides)
     app = App(Config(**options))
     await app.start()
+    # The symbol list loads in the background; tests expect to start with its first answer.
+    assert app.catalogue is not None
+    await app.catalogue.wait_first_attempt(30)
     try:
         yield app
     finally:

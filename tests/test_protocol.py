@@ -125,3 +125,62 @@ def test_flood_guard_forgives_a_calm_client() -> None:
         results = [guard.check(second + i * 0.01) for i in range(3)]
         assert p.FloodGuard.WARN in results
         assert p.FloodGuard.CLOSE not in results
+
+
+@pytest.mark.parametrize(
+    "token", [b"1000000000000000000000000000000", b"1.50", b"1e2", b"-0.0", b"18446744073709551616"]
+)
+def test_numeric_req_id_is_kept_as_written(token: bytes) -> None:
+    request = p.parse_request(b'{"op":"ping","req_id":' + token + b"}")
+    assert p.pong_reply(1, request.req_id).endswith(b'"req_id":' + token + b"}")
+
+
+def test_invalid_utf8_is_a_protocol_violation_not_a_json_error() -> None:
+    with pytest.raises(p.ProtocolViolation) as info:
+        p.parse_request(b'{"op":"ping","x":"\xc3"}')
+    assert info.value.code == p.CLOSE_INVALID_TEXT
+    assert parse_error(b'{"op":"ping",').code == p.INVALID_JSON  # valid UTF-8, bad JSON
+
+
+def test_subscription_budget_refuses_whole_requests_and_charges_unsubscribes() -> None:
+    budget = p.SubscriptionBudget(change_rate=10, snapshot_rate=100, cap=20, now=0.0)
+    assert budget.admit(0.0, 20) is None  # the burst is the subscription cap
+    refusal = budget.admit(0.0, 1)
+    assert refusal is not None and refusal.code == p.SUBSCRIPTION_RATE_EXCEEDED
+    assert refusal.retry_after_ms == 101 and "stream changes" in refusal.message
+    assert budget.exhausted(0.0, 5) is not None  # nothing left: refused before planning
+    budget.charge_unsubscribe(1.0, 20)  # never refused: 10 earned, 20 spent
+    refusal = budget.admit(1.0, 5)
+    assert refusal is not None and refusal.retry_after_ms == 1501
+    assert budget.admit(2.5, 5) is None
+    assert budget.admit(2.5, 0) is None  # nothing new costs nothing
+
+
+def test_subscription_budget_names_the_snapshot_limit_when_that_is_the_one() -> None:
+    budget = p.SubscriptionBudget(change_rate=1000, snapshot_rate=5, cap=10, now=0.0)
+    assert budget.admit(0.0, 10) is None
+    refusal = budget.admit(0.0, 10)
+    assert refusal is not None and "snapshots" in refusal.message
+    assert refusal.retry_after_ms == 2001
+    reply = orjson.loads(refusal.reply())
+    assert reply["code"] == p.SUBSCRIPTION_RATE_EXCEEDED and reply["retry_after_ms"] == 2001
+
+
+def test_message_assembler_joins_discards_and_refuses() -> None:
+    a = p.MessageAssembler(max_size=10)
+    assert a.feed(p.OPCODE_TEXT, True, b"one") == (p.OPCODE_TEXT, b"one")
+    assert a.feed(p.OPCODE_TEXT, False, b"ab") is None and a.busy
+    assert a.feed(p.OPCODE_CONTINUATION, True, memoryview(b"cd")) == (p.OPCODE_TEXT, b"abcd")
+    assert a.feed(p.OPCODE_BINARY, False, b"x") is None
+    a.discard()
+    assert a.feed(p.OPCODE_CONTINUATION, True, b"y") is None and not a.busy
+    for frames, code in [
+        ([(p.OPCODE_CONTINUATION, True, b"x")], p.CLOSE_PROTOCOL_ERROR),
+        ([(p.OPCODE_TEXT, False, b"x"), (p.OPCODE_TEXT, True, b"y")], p.CLOSE_PROTOCOL_ERROR),
+        ([(p.OPCODE_TEXT, False, b"x" * 6), (p.OPCODE_CONTINUATION, False, b"y" * 6)], 1009),
+    ]:
+        fresh = p.MessageAssembler(max_size=10)
+        with pytest.raises(p.ProtocolViolation) as info:
+            for opcode, fin, payload in frames:
+                fresh.feed(opcode, fin, payload)
+        assert info.value.code == code

@@ -551,6 +551,7 @@ async def test_catalogue_pages_through_the_simulator() -> None:
         catalogue = SymbolCatalogue(sim.http_url, page_limit=5, refresh_interval=0.2)
         assert catalogue.check("BTCUSDT") is None
         await catalogue.start()
+        await catalogue.wait_first_attempt(30)
         try:
             assert catalogue.check("BTCUSDT") is True
             assert catalogue.check("ETHUSDT") is True
@@ -567,6 +568,7 @@ async def test_catalogue_falls_back_when_unreachable(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.WARNING, logger="fastproxy.upstream.catalogue")
     catalogue = SymbolCatalogue(f"http://127.0.0.1:{closed_port()}", timeout=2.0)
     await catalogue.start()
+    await catalogue.wait_first_attempt(30)
     try:
         assert catalogue.check("BTCUSDT") is None
         status = catalogue.status()
@@ -580,6 +582,7 @@ async def test_catalogue_keeps_the_last_good_list() -> None:
     async with running_sim() as sim:
         catalogue = SymbolCatalogue(sim.http_url)
         await catalogue.start()
+        await catalogue.wait_first_attempt(30)
         try:
             assert catalogue.check("BTCUSDT") is True
             catalogue.rest_url = f"http://127.0.0.1:{closed_port()}"

@@ -3,12 +3,16 @@
 It lets the server refuse an unknown symbol at once instead of waiting for the exchange's
 `handler not found`. When the list cannot be fetched, `check` answers None ("don't know") and the
 proxy falls back to syntax checks and upstream refusals; a later failure keeps the last good list.
+Nothing waits for it: the first fetch runs in the background like every refresh, so a proxy
+whose exchange does not answer still listens at once and serves with the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -95,6 +99,33 @@ def fetch_symbols(
     return symbols
 
 
+async def _in_daemon_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)` in a daemon thread. Not the loop's default executor: a fetch
+    stuck until its timeout would hold up the process's exit (the executor's threads are joined
+    at shutdown); a daemon thread is simply left behind."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return  # cancelled meanwhile
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(*args, **kwargs), None
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="fastproxy-catalogue-fetch", daemon=True).start()
+    return await future
+
+
 class SymbolCatalogue:
     def __init__(
         self,
@@ -119,6 +150,7 @@ class SymbolCatalogue:
         self.last_error: str | None = None
         self.fetches = 0
         self.failures = 0
+        self._attempted = asyncio.Event()  # set when the first fetch has succeeded or failed
 
     @property
     def symbols(self) -> frozenset[str] | None:
@@ -132,13 +164,17 @@ class SymbolCatalogue:
         return symbol in symbols
 
     async def start(self) -> None:
-        """Fetch once (bounded by the timeout), then keep refreshing in the background."""
+        """Start fetching in the background and return at once; `wait_first_attempt` waits."""
         if self._task is not None:
             return
-        await self.refresh()
         self._task = asyncio.get_running_loop().create_task(
             self._refresh_loop(), name="fastproxy-symbol-catalogue"
         )
+
+    async def wait_first_attempt(self, timeout: float | None = None) -> bool:
+        """Wait until the first fetch has succeeded or failed; True if the list is known."""
+        await asyncio.wait_for(self._attempted.wait(), timeout)
+        return self._symbols is not None
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -149,7 +185,7 @@ class SymbolCatalogue:
     async def refresh(self) -> bool:
         self.fetches += 1
         try:
-            symbols = await asyncio.to_thread(
+            symbols = await _in_daemon_thread(
                 fetch_symbols,
                 self.rest_url,
                 self.category,
@@ -180,7 +216,10 @@ class SymbolCatalogue:
         return True
 
     async def _refresh_loop(self) -> None:
-        ok = self._symbols is not None and self.last_error is None
+        try:
+            ok = await self.refresh()
+        finally:
+            self._attempted.set()
         while True:
             await asyncio.sleep(self.refresh_interval if ok else self.retry_interval)
             ok = await self.refresh()
