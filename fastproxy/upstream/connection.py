@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from picows import WSCloseCode, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
+from fastproxy.upstream.bybit_protocol import ConnectionState
 from fastproxy.upstream.policy import Backoff, ConnectionBudget
-from fastproxy.upstream.protocol import ConnectionState
 from fastproxy.upstream.settings import UpstreamSettings
 
 if TYPE_CHECKING:

@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fastproxy.upstream.bybit_protocol import ConnectionState
 from fastproxy.upstream.connection import Runner
 from fastproxy.upstream.plan import PoolPlan
 from fastproxy.upstream.policy import ConnectionBudget
-from fastproxy.upstream.protocol import ConnectionState
 from fastproxy.upstream.settings import UpstreamSettings
 
 log = logging.getLogger("fastproxy.upstream")
