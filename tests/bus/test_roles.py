@@ -364,6 +364,39 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
         [],
     ),
     "release of a stream not held does nothing": ([UP, ("release", (S,), [])], GONE, []),
+    "a holder runs the hold script": (
+        [UP, HOLD, ("call_for", (SID,), ("hold", False, b""))],
+        NONE,
+        [],
+    ),
+    "the node's own feed data for a stream it follows, or does not know, is dropped": (
+        [
+            *FOLLOWING,
+            ("feed", (msg(11), 3.0), None),
+            ("feed", (make_message(Stream("ticker", "ETHUSDT"), 1), 3.0), None),
+            ("feed_reset", (S,), []),
+        ],
+        FOLLOWER,
+        [10],
+    ),
+    "back from local with no upstream line left: subscribe again": (
+        [
+            ("acquire", (S,), ANY),
+            UP,
+            ("held_result", (SID, ME, 3, "e0", 0.0, None), [(FEED_ADD, S, 3, "e0")]),
+        ],
+        OWNER,
+        [],
+    ),
+    "the feed refuses a stream we follow: told, our interest dropped": (
+        [
+            *FOLLOWING,
+            ("feed_reject", (S, "topic unknown"), [(SYNC, SID)]),
+            ("call_for", (SID,), ("leave", False, b"")),
+        ],
+        NONE,
+        [10],
+    ),
     "the feed refuses a stream while Redis is down: told, forgotten": (
         [("acquire", (S,), ANY), ("feed_reject", (S, "topic unknown"), [])],
         GONE,
