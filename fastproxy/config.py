@@ -187,16 +187,39 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_CALLBACK_TIMEOUT",
         _seconds(),
         "5",
-        "seconds a client may stay over the soft write-buffer mark before it is dropped (4008)",
+        "seconds a client may take nothing while data waits, leave an event undelivered, or "
+        "(policy drop) stay over the soft mark, before it is closed (4008)",
     ),
     Setting(
-        "WRITE_BUFFER_SOFT_LIMIT", _int_range(1024), "262144", "bytes unread by a client: soft mark"
+        "WRITE_BUFFER_SOFT_LIMIT",
+        _int_range(1024),
+        "16384",
+        "bytes unread by a client in user space: over it, the client is conflated (or dropped)",
     ),
     Setting(
         "WRITE_BUFFER_HARD_LIMIT",
         _int_range(1024),
         "4194304",
-        "bytes unread by a client: closed with 4008 at once",
+        "bytes unread by a client (user space plus kernel): closed with 4008 at once",
+    ),
+    Setting(
+        "SLOW_CLIENT_POLICY",
+        _choice("conflate", "drop"),
+        "conflate",
+        "a client over the soft mark: conflate (newest state replaces older, events kept) "
+        "or drop (4008 after FANOUT_CALLBACK_TIMEOUT)",
+    ),
+    Setting(
+        "CLIENT_NOTSENT_LOWAT",
+        _int_range(0),
+        "4096",
+        "bytes a client socket may hold unsent in the kernel (TCP_NOTSENT_LOWAT); 0: no bound",
+    ),
+    Setting(
+        "CLIENT_SNDBUF",
+        _int_range(0),
+        "0",
+        "kernel send buffer per client socket (SO_SNDBUF); 0: the kernel sizes it",
     ),
     Setting(
         "UNSUBSCRIBE_LINGER",
@@ -220,10 +243,35 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("UPSTREAM_PING_INTERVAL", _seconds(), "20", "seconds between JSON pings to Bybit"),
     Setting(
+        "UPSTREAM_STALE_AFTER",
+        _seconds(0.2),
+        "3",
+        "seconds without any frame from Bybit before a connection's streams are marked stale "
+        "(a quiet connection is pinged after half of it)",
+    ),
+    Setting(
         "UPSTREAM_TOPICS_PER_CONNECTION",
         _int_range(1),
         "200",
         "most topics on one Bybit connection",
+    ),
+    Setting(
+        "HISTORY_MAX_MESSAGES",
+        _int_range(0),
+        "1000",
+        "most recent Messages kept per stream for resumes (0: no history, no resume)",
+    ),
+    Setting(
+        "HISTORY_MAX_AGE",
+        _seconds(allow_zero=True),
+        "30",
+        "seconds a Message is kept for resumes",
+    ),
+    Setting(
+        "HISTORY_MAX_BYTES",
+        _int_range(0),
+        "134217728",
+        "bytes all streams' history may use together; the node's oldest Messages go first",
     ),
     Setting(
         "SHUTDOWN_TIMEOUT", _seconds(), "10", "seconds a graceful stop may take before exiting"
@@ -248,15 +296,22 @@ class Config:
     max_snapshot_rate_per_client: int = 100
     client_idle_timeout: float = 300.0
     fanout_callback_timeout: float = 5.0
-    write_buffer_soft_limit: int = 262144
+    write_buffer_soft_limit: int = 16384
     write_buffer_hard_limit: int = 4194304
+    slow_client_policy: str = "conflate"
+    client_notsent_lowat: int = 4096
+    client_sndbuf: int = 0
     unsubscribe_linger: float = 5.0
     upstream_down_threshold: float = 30.0
     bybit_ws_url: str = BYBIT_MAINNET_WS
     bybit_testnet: bool = False
     bybit_rest_url: str = ""
     upstream_ping_interval: float = 20.0
+    upstream_stale_after: float = 3.0
     upstream_topics_per_connection: int = 200
+    history_max_messages: int = 1000
+    history_max_age: float = 30.0
+    history_max_bytes: int = 134217728
     shutdown_timeout: float = 10.0
     demo: bool = field(default=False)
 

@@ -7,23 +7,103 @@ serializes per client, awaits per send, or starts a task per message.
 The hub also keeps, per stream, the last Message it delivered: a new subscriber's snapshot is
 that Message marked `"type":"snapshot"` (every Message carries the stream's complete current
 state: the merged ticker, the current candle, the latest trades), so a late joiner gets seq N and
-the next live Message is N+1, with no gap and no duplicate on any node.
+the next live Message is N+1, with no gap and no duplicate on any node. Delta streams (books) are
+the exception: an update holds only what changed, so their snapshot is the whole book, which the
+bus asks of whoever keeps it (the owner's codec, or a follower's copy) at the same seq.
+
+A client that cannot keep up (its transport says so: over the soft mark, or anything left
+unwritten while it is behind) leaves the shared path for a Backlog of its own: each state stream
+holds one place there, filled when the client drains with the stream's newest message (a delta
+stream's fresh snapshot, when updates were skipped); events and replies keep their order and are
+never dropped. Only those clients cost anything per message; the others keep the shared frames.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
 from fastproxy.codec import Message, ws_text_frame
+from fastproxy.freshness import FreshnessBoard, status_payload
+from fastproxy.history import History, Position, decide
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
-from fastproxy.streams import KINDS, Stream
-from fastproxy.wire import LastValues
+from fastproxy.streams import DELTA_KINDS, KINDS, STATE_KINDS, Stream
+from fastproxy.wire import SNAPSHOT, LastValues
 
 log = logging.getLogger("fastproxy.hub")
+
+
+# A client that fell behind goes back to the shared path once its transport has held nothing
+# unwritten for this long.
+CATCH_UP_AFTER = 1.0
+
+
+class Backlog:
+    """What waits for one client that cannot keep up. Sans-I/O.
+
+    Places in arrival order: a state stream holds one (its stream id, filled at drain time with
+    the stream's newest state); every other frame (events, replies, snapshots) a place of its own.
+    """
+
+    __slots__ = ("_next", "event_bytes", "first_event_at", "places", "restarted", "skipped")
+
+    def __init__(self) -> None:
+        self.places: dict[str | int, bytes | None] = {}
+        self.skipped: set[str] = set()  # state streams whose older messages were replaced
+        self.restarted: set[str] = set()  # state streams that sent a snapshot while waiting
+        self.first_event_at: float | None = None  # when the oldest waiting event arrived
+        self.event_bytes = 0
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    def add_state(self, stream_id: str, resync: bool = False) -> bool:
+        """A new message of a state stream; True when it replaced one still waiting. `resync`:
+        the message is a snapshot (the stream restarted), so the client must get one."""
+        if resync:
+            self.restarted.add(stream_id)
+        if stream_id in self.places:
+            self.skipped.add(stream_id)
+            return True
+        self.places[stream_id] = None
+        return False
+
+    def add_frame(self, frame: bytes, event_at: float | None = None) -> None:
+        """A frame that must be delivered, in order (an event when `event_at` is given)."""
+        self._next += 1
+        self.places[self._next] = frame
+        if event_at is not None:
+            self.event_bytes += len(frame)
+            if self.first_event_at is None:
+                self.first_event_at = event_at
+
+    def forget(self, stream_id: str) -> None:
+        self.places.pop(stream_id, None)
+        self.skipped.discard(stream_id)
+        self.restarted.discard(stream_id)
+
+    def take(self, current: Callable[[str, bool, bool], bytes | None]) -> list[bytes]:
+        """Everything waiting, oldest first; `current(stream_id, skipped, restarted)` fills a
+        state place."""
+        frames: list[bytes] = []
+        skipped, restarted = self.skipped, self.restarted
+        for key, frame in self.places.items():
+            if frame is None:
+                frame = current(key, key in skipped, key in restarted)  # type: ignore[arg-type]
+                if frame is None:
+                    continue  # the stream was reset or left meanwhile
+            frames.append(frame)
+        self.places.clear()
+        skipped.clear()
+        restarted.clear()
+        self.first_event_at = None
+        self.event_bytes = 0
+        return frames
 
 
 class Subscriber(Protocol):
@@ -31,8 +111,14 @@ class Subscriber(Protocol):
 
     out: list[bytes]  # frames due for this client, flushed once per tick
     streams: set[Stream]
+    backlog: Backlog | None  # set while the client is behind (the hub's, not the session's)
+    paused: bool  # the transport holds unwritten bytes: wait for it to drain
+    resumed_at: float  # when the transport last finished writing what it held
 
     def flush(self) -> None: ...
+
+    def caught_up(self) -> None:
+        """The client is back on the shared path."""
 
 
 class Hub:
@@ -41,24 +127,70 @@ class Hub:
         bus: Bus,
         linger: float = 5.0,
         loop: asyncio.AbstractEventLoop | None = None,
+        history: History | None = None,
     ) -> None:
         self._bus = bus
+        # Recent frames of every held stream (lingering ones too: a client that reconnects
+        # within the linger resumes from here).
+        self.history = History() if history is None else history
         self._linger = linger
         self._loop = loop
-        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers
+        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> subscribers keeping up
+        self._behind: dict[str, set[Subscriber]] = {}  # stream_id -> subscribers with a Backlog
+        self._behind_sessions: set[Subscriber] = set()
+        self._drain_due: list[Subscriber] = []
         self._streams: dict[str, Stream] = {}  # stream_id -> Stream, for streams held here
         self._values = LastValues()  # the last delivered Message of each stream held here
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
+        self.freshness = FreshnessBoard()
+        # Streams back to live: their next Message goes out as a snapshot.
+        self._resnap: set[str] = set()
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
+        self.conflated = 0  # state messages replaced by a newer one for a client behind
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
-        """Add streams to a session; each gets the current snapshot queued at once."""
+    def resume(self, positions: dict[Stream, Position]) -> dict[Stream, list[bytes]]:
+        """Of the streams a client asks to resume, those history can bridge: their frames after
+        the client's seq. Call right before `subscribe` with the result, in the same tick, so
+        that nothing is delivered in between."""
+        now = time.monotonic()
+        replays: dict[Stream, list[bytes]] = {}
+        for stream, position in positions.items():
+            sid = stream.stream_id
+            span = self.history.span(sid) if sid in self._subs else None
+            decision = decide(self.history, sid, position, span[0] if span else None, now)
+            if decision.replay is not None:
+                replays[stream] = decision.replay
+        return replays
+
+    def hold(self, streams: Iterable[Stream], for_seconds: float = 10.0) -> None:
+        """Acquire streams with no subscriber yet, so that their Messages (and history) flow
+        here while a resume is being prepared; released as usual if nobody subscribes."""
+        loop = self._loop or asyncio.get_running_loop()
+        for stream in streams:
+            sid = stream.stream_id
+            if sid in self._subs:
+                continue
+            self._subs[sid] = set()
+            self._streams[sid] = stream
+            self._bus.acquire(stream)
+            self._release_timers[sid] = loop.call_later(
+                max(self._linger, for_seconds), self._release, stream
+            )
+
+    def subscribe(
+        self,
+        session: Subscriber,
+        streams: Iterable[Stream],
+        replays: dict[Stream, list[bytes]] | None = None,
+    ) -> None:
+        """Add streams to a session; each gets the current snapshot queued at once, or, for a
+        stream in `replays` (see `resume`), the Messages it missed."""
         for stream in streams:
             sid = stream.stream_id
             subs = self._subs.get(sid)
@@ -70,8 +202,19 @@ class Hub:
                 timer = self._release_timers.pop(sid, None)
                 if timer is not None:
                     timer.cancel()
-            subs.add(session)
+            if session.backlog is None:
+                subs.add(session)
+            else:
+                self._behind.setdefault(sid, set()).add(session)
             session.streams.add(stream)
+            stale = self.freshness.stale(sid)
+            if stale is not None:  # right after the ack, before any data
+                self.send_payload(session, status_payload(sid, *stale))
+            replay = replays.get(stream) if replays else None
+            if replay is not None:
+                for frame in replay:
+                    self.send(session, frame)
+                continue
             snapshot = self.snapshot(sid)
             if snapshot is not None:
                 self.send(session, snapshot.frame)
@@ -83,13 +226,100 @@ class Hub:
             if subs is None:
                 continue
             subs.discard(session)
-            if not subs:
+            if session.backlog is not None:
+                session.backlog.forget(stream.stream_id)
+                self._leave_behind(stream.stream_id, session)
+            if not self._held(stream.stream_id):
                 self._schedule_release(stream)
 
     def drop(self, session: Subscriber) -> None:
         """The session is gone: forget everything it held."""
         self.unsubscribe(session, list(session.streams))
         session.out.clear()
+        if session.backlog is not None:
+            self._behind_sessions.discard(session)
+            session.backlog = None
+
+    def _held(self, sid: str) -> bool:
+        return bool(self._subs.get(sid)) or bool(self._behind.get(sid))
+
+    def _leave_behind(self, sid: str, session: Subscriber) -> None:
+        behind = self._behind.get(sid)
+        if behind is not None:
+            behind.discard(session)
+            if not behind:
+                del self._behind[sid]
+
+    # -- clients that fell behind -----------------------------------------------------------
+
+    def fall_behind(self, session: Subscriber) -> None:
+        """The client cannot keep up: from now on its state streams are conflated."""
+        if session.backlog is not None:
+            return
+        backlog = session.backlog = Backlog()
+        self._behind_sessions.add(session)
+        for stream in session.streams:
+            sid = stream.stream_id
+            subs = self._subs.get(sid)
+            if subs is not None:
+                subs.discard(session)
+            self._behind.setdefault(sid, set()).add(session)
+        for frame in session.out:  # due this tick, not written yet: keep them first, in order
+            backlog.add_frame(frame)
+        session.out.clear()
+
+    def drained(self, session: Subscriber) -> None:
+        """The transport of a client behind has written everything it held."""
+        backlog = session.backlog
+        if backlog is None:
+            return
+        if backlog:
+            self._drain_due.append(session)
+            if not self._flush_scheduled:
+                self._schedule_flush()
+        elif time.monotonic() - session.resumed_at >= CATCH_UP_AFTER:
+            self._catch_up(session)
+
+    def _catch_up(self, session: Subscriber) -> None:
+        self._behind_sessions.discard(session)
+        session.backlog = None
+        for stream in session.streams:
+            sid = stream.stream_id
+            self._leave_behind(sid, session)
+            subs = self._subs.get(sid)
+            if subs is not None:
+                subs.add(session)
+        session.caught_up()
+
+    def _drain(self, session: Subscriber) -> None:
+        backlog = session.backlog
+        if backlog is None or session.paused:
+            return  # caught up or gone meanwhile; or resume_writing will call drained()
+        if backlog:
+            session.out.extend(backlog.take(self._current_frame))
+            session.flush()
+        if (
+            session.backlog is backlog
+            and not session.paused
+            and time.monotonic() - session.resumed_at >= CATCH_UP_AFTER
+        ):
+            self._catch_up(session)
+
+    def _current_frame(self, sid: str, skipped: bool, restarted: bool) -> bytes | None:
+        """What a client behind gets for a state stream: its newest message, complete state;
+        a fresh snapshot instead when the stream's updates are deltas and some were skipped, or
+        when a snapshot (a restart of the stream) was among the messages merged."""
+        stream = self._streams.get(sid)
+        if stream is None:
+            return None
+        last = self._values.last(sid)
+        if last is None:
+            return None
+        if (skipped and stream.kind in DELTA_KINDS) or (restarted and last.type != SNAPSHOT):
+            message = self.snapshot(sid)
+        else:
+            message = last
+        return None if message is None else message.frame
 
     def _schedule_release(self, stream: Stream) -> None:
         sid = stream.stream_id
@@ -104,11 +334,15 @@ class Hub:
     def _release(self, stream: Stream) -> None:
         sid = stream.stream_id
         self._release_timers.pop(sid, None)
-        if self._subs.get(sid):
+        if self._held(sid):
             return  # someone came back
         self._subs.pop(sid, None)
+        self._behind.pop(sid, None)
         self._streams.pop(sid, None)
         self._values.forget(sid)
+        self.freshness.forget(sid)
+        self._resnap.discard(sid)
+        self.history.forget(sid)
         self.releases += 1
         self._bus.release(stream)
 
@@ -120,6 +354,9 @@ class Hub:
     # -- delivery ------------------------------------------------------------------------
 
     def snapshot(self, stream_id: str) -> Message | None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.is_delta:
+            return self._bus.snapshot(stream)  # the whole book, kept by the codec or a copy
         return self._values.snapshot(stream_id)
 
     def deliver(self, message: Message) -> None:
@@ -130,21 +367,61 @@ class Hub:
             return  # not held here (any more)
         self.messages_in += 1
         self._values.put(message)
-        if not subs:
-            return
         frame = message.frame
-        dirty = self._dirty
-        for session in subs:
-            out = session.out
-            if not out:
-                dirty.append(session)
-            out.append(frame)
-        self.deliveries += len(subs)
+        if message.type == SNAPSHOT:  # the codec's own (after an upstream reset): with its epoch
+            frame = self.snapshot(sid).frame  # type: ignore[union-attr]
+        self.history.append(sid, message.epoch, message.seq, frame, time.monotonic())
+        if self._resnap and sid in self._resnap:  # back to live: a fresh snapshot first
+            self._resnap.discard(sid)
+            snapshot = self.snapshot(sid)  # a book's is the whole book, not this update
+            if snapshot is not None:
+                frame = snapshot.frame
+        if subs:
+            dirty = self._dirty
+            for session in subs:
+                out = session.out
+                if not out:
+                    dirty.append(session)
+                out.append(frame)
+            self.deliveries += len(subs)
+        behind = self._behind.get(sid)
+        if behind:
+            self._deliver_behind(message, frame, behind)
+        elif not subs:
+            return
         if not self._flush_scheduled:
             self._schedule_flush()
 
+    def _deliver_behind(self, message: Message, frame: bytes, behind: set[Subscriber]) -> None:
+        sid = message.stream_id
+        due = self._drain_due
+        if self._streams[sid].kind in STATE_KINDS:
+            resync = message.type == SNAPSHOT
+            for session in behind:
+                backlog = session.backlog
+                if backlog.add_state(sid, resync):  # type: ignore[union-attr]
+                    self.conflated += 1
+                elif not session.paused and len(backlog) == 1:  # type: ignore[arg-type]
+                    due.append(session)
+        else:
+            now = time.monotonic()
+            for session in behind:
+                backlog = session.backlog
+                backlog.add_frame(frame, now)  # type: ignore[union-attr]
+                if not session.paused and len(backlog) == 1:  # type: ignore[arg-type]
+                    due.append(session)
+        self.deliveries += len(behind)
+
     def send(self, session: Subscriber, frame: bytes) -> None:
         """Queue one frame for one session behind what is already due for it."""
+        backlog = session.backlog
+        if backlog is not None:
+            backlog.add_frame(frame)
+            if not session.paused and len(backlog) == 1:
+                self._drain_due.append(session)
+            if not self._flush_scheduled:
+                self._schedule_flush()
+            return
         out = session.out
         if not out:
             self._dirty.append(session)
@@ -167,17 +444,48 @@ class Hub:
                 session.flush()
             except Exception:  # one broken session must not stop the others' writes
                 log.exception("flush failed")
+        if self._drain_due:
+            due, self._drain_due = self._drain_due, []
+            for session in due:
+                try:
+                    self._drain(session)
+                except Exception:
+                    log.exception("flush failed")
 
     def reset(self, stream: Stream) -> None:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
         self._values.forget(stream.stream_id)
 
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        """The stream went stale for `reason`, or live again (None): tell every local holder
+        (the bus calls this). Back to live, the next Message goes out as a snapshot."""
+        sid = stream.stream_id
+        subs = self._subs.get(sid)
+        if subs is None or not self.freshness.update(sid, reason, since):
+            return
+        if reason is None:
+            self._resnap.add(sid)
+        else:
+            self._resnap.discard(sid)
+        log.info(
+            "stream stale" if reason else "stream live again",
+            extra={"stream": sid, "reason": reason, "since": since, "clients": len(subs)},
+        )
+        if subs:
+            frame = ws_text_frame(status_payload(sid, reason, since))
+            for session in subs:
+                self.send(session, frame)
+
     def reject(self, stream: Stream, reason: str) -> None:
         """The exchange refused the stream: tell every local holder and drop it."""
         sid = stream.stream_id
         subs = self._subs.pop(sid, None) or set()
+        subs |= self._behind.pop(sid, None) or set()
         self._streams.pop(sid, None)
         self._values.forget(sid)
+        self.freshness.forget(sid)
+        self._resnap.discard(sid)
+        self.history.forget(sid)
         timer = self._release_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -191,6 +499,8 @@ class Hub:
             )
             for session in subs:
                 session.streams.discard(stream)
+                if session.backlog is not None:
+                    session.backlog.forget(sid)
                 self.send(session, frame)
         log.info(
             "stream rejected upstream",
@@ -199,15 +509,28 @@ class Hub:
 
     # -- introspection -------------------------------------------------------------------
 
+    @property
+    def bus(self) -> Bus:
+        return self._bus
+
+    def last_kept(self, stream: Stream) -> tuple[str, int] | None:
+        """(epoch, seq) of the newest Message this node's history has for the stream."""
+        span = self.history.span(stream.stream_id)
+        return None if span is None else (span[0], span[2])
+
     def holds(self, stream: Stream) -> bool:
         return stream.stream_id in self._subs
+
+    @property
+    def clients_behind(self) -> int:
+        return len(self._behind_sessions)
 
     def stats(self) -> dict[str, Any]:
         by_kind = dict.fromkeys(KINDS, 0)
         streams_by_kind = dict.fromkeys(KINDS, 0)
         for sid, subs in self._subs.items():
             kind = self._streams[sid].kind
-            by_kind[kind] += len(subs)
+            by_kind[kind] += len(subs) + len(self._behind.get(sid, ()))
             streams_by_kind[kind] += 1
         return {
             "streams": len(self._subs),
@@ -215,7 +538,11 @@ class Hub:
             "subscriptions": sum(by_kind.values()),
             "subscriptions_by_kind": by_kind,
             "lingering": len(self._release_timers),
+            "stale_streams": len(self.freshness),
+            "history": self.history.stats(),
             "messages_in": self.messages_in,
             "deliveries": self.deliveries,
             "releases": self.releases,
+            "clients_conflating": len(self._behind_sessions),
+            "conflated_messages": self.conflated,
         }

@@ -10,7 +10,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 # Counters the Redis bus reports in its status; the memory bus has none of them.
@@ -53,6 +57,37 @@ class ProxyCollector(Collector):
         for reason, count in sorted(conns["drops"].items()):
             drops.add_metric([reason], count)
         yield drops
+        slow = conns.get("slow_clients")
+        if slow is not None:
+            yield GaugeMetricFamily(
+                "fastproxy_clients_conflating",
+                "Clients behind, getting conflated state streams",
+                value=slow["conflating"],
+            )
+            yield CounterMetricFamily(
+                "fastproxy_conflated_messages",
+                "State messages replaced by a newer one for a client behind",
+                value=slow["conflated_messages"],
+            )
+            yield CounterMetricFamily(
+                "fastproxy_client_resets",
+                "Closed client sockets reset because the peer left data unread",
+                value=slow["resets"],
+            )
+            unread = GaugeHistogramMetricFamily(
+                "fastproxy_client_unread_bytes",
+                "Clients by bytes written to them and not yet read, in user space (the "
+                "transport's buffer) or in the kernel's send queue",
+                labels=["where"],
+            )
+            for where in ("user", "kernel"):
+                counts = slow[f"unread_bytes_{where}"]
+                cumulative, buckets = 0, []
+                for edge, count in counts.items():
+                    cumulative += count
+                    buckets.append((edge, cumulative))
+                unread.add_metric([where], buckets, slow[f"unread_bytes_{where}_total"])
+            yield unread
         subs = GaugeMetricFamily(
             "fastproxy_subscriptions", "Client subscriptions by stream kind", labels=["kind"]
         )
@@ -61,6 +96,22 @@ class ProxyCollector(Collector):
         yield subs
         yield GaugeMetricFamily(
             "fastproxy_streams", "Streams held on this node", value=hub["streams"]
+        )
+        yield GaugeMetricFamily(
+            "fastproxy_stale_streams",
+            "Streams held on this node whose data may not be current (clients were told)",
+            value=hub.get("stale_streams", 0),
+        )
+        history = hub.get("history", {})
+        yield GaugeMetricFamily(
+            "fastproxy_history_bytes",
+            "Bytes the resume history holds (capped by HISTORY_MAX_BYTES)",
+            value=history.get("bytes", 0),
+        )
+        yield GaugeMetricFamily(
+            "fastproxy_history_messages",
+            "Messages the resume history holds",
+            value=history.get("messages", 0),
         )
         yield CounterMetricFamily(
             "fastproxy_deliveries", "Messages queued to clients", value=hub["deliveries"]
@@ -89,6 +140,14 @@ class ProxyCollector(Collector):
             "Malformed upstream frames dropped",
             value=s.get("feed", {}).get("codec_errors", 0),
         )
+        resyncs = CounterMetricFamily(
+            "fastproxy_book_resyncs",
+            "Order books rebuilt from a fresh exchange snapshot, by reason",
+            labels=["reason"],
+        )
+        for reason, count in s.get("feed", {}).get("book_resyncs", {}).items():
+            resyncs.add_metric([reason], count)
+        yield resyncs
         bus = s["bus"]
         yield GaugeMetricFamily(
             "fastproxy_bus_healthy",

@@ -4,7 +4,7 @@ Per message it does only what the numbers need: find `"timestamp":` and `"seq":`
 bytes.rfind (no JSON parse), check seq is +1 on the stream, and count the delivery latency
 into a histogram (0.1 ms bins). The stream id is the payload's first field, so it is a slice.
 Every server under test writes data messages as `{"stream":"...", ..., "timestamp":T,
-"source":"mudrex","seq":N}`.
+"source":"mudrex","seq":N}` (a snapshot adds `,"epoch":"E"` after seq).
 
 A worker runs in its own process (see fanout.py) and talks to its parent over a Pipe:
 it connects and subscribes, reports `ready`, waits for the measuring window (wall-clock start
@@ -125,7 +125,9 @@ class Probe(WSListener):
             elif msg_type == _CLOSE:
                 transport.disconnect()
             return
-        seq = int(payload[payload.rfind(_SEQ) + 7 : -1])
+        i = payload.rfind(_SEQ) + 7
+        end = payload.find(b",", i)  # a snapshot names its "epoch" after seq
+        seq = int(payload[i : end if end > 0 else -1])
         sid = payload[11 : payload.index(b'"', 11)]
         tally = self.tally
         last = self.last

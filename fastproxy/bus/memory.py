@@ -10,14 +10,17 @@ from fastproxy.bus.delivery import Delivery
 if TYPE_CHECKING:
     from fastproxy.bus import Handler, Source
     from fastproxy.streams import Stream
+    from fastproxy.wire import Message
 
 
 class MemoryBus:
     name = "memory"
+    # one node: the hub's own history is all the history there is
+    shared_history = False
 
     def __init__(self, feed: Source) -> None:
         self._feed = feed
-        self._delivery = Delivery()
+        self._delivery = Delivery(state=feed.snapshot)
         feed.attach(self._delivery)
 
     def attach(self, handler: Handler) -> None:
@@ -30,13 +33,24 @@ class MemoryBus:
         return None
 
     def acquire(self, stream: Stream) -> None:
-        self._delivery.hold(stream.stream_id)
+        self._delivery.hold(stream.stream_id, stream)
         self._feed.add(stream)
 
     def release(self, stream: Stream) -> None:
         # the feed drops the stream's codec: a later acquire starts a new numbering (epoch)
         self._delivery.forget(stream.stream_id)
         self._feed.remove(stream)
+
+    def snapshot(self, stream: Stream) -> Message | None:
+        return self._feed.snapshot(stream)
+
+    def ready(self, stream: Stream) -> bool:
+        return True
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        return None
 
     def status(self) -> dict[str, Any]:
         return {

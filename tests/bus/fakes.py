@@ -56,6 +56,12 @@ class FakeFeed:
     def seq(self, stream: Stream) -> int | None:
         return self.seqs.get(stream.topic)
 
+    def snapshot(self, stream: Stream) -> Message | None:
+        return None  # keeps no state of its own (the engines ask this of delta streams only)
+
+    def is_live(self, stream: Stream) -> bool:
+        return stream.topic in self.streams
+
     @property
     def owned(self) -> set[str]:
         return {stream.stream_id for stream in self.streams.values()}
@@ -95,6 +101,7 @@ class Recorder:
         self.got: dict[str, list[Message]] = {}
         self.resets: list[str] = []
         self.rejects: list[tuple[str, str]] = []
+        self.statuses: list[tuple[str, str | None, int]] = []
 
     def deliver(self, message: Message) -> None:
         self.got.setdefault(message.stream_id, []).append(message)
@@ -104,6 +111,9 @@ class Recorder:
 
     def reject(self, stream: Stream, reason: str) -> None:
         self.rejects.append((stream.stream_id, reason))
+
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        self.statuses.append((stream.stream_id, reason, since))
 
     def seqs(self, stream: Stream) -> list[int]:
         return [m.seq for m in self.got.get(stream.stream_id, [])]

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from fastproxy.bus.delivery import Delivery
 from fastproxy.bus.redis.codec import (
+    KIND_BEAT,
     KIND_HANDOVER,
     KIND_REJECT,
     KIND_RESET,
+    KIND_STATUS,
     encode_marker,
     encode_message,
 )
+from fastproxy.bus.redis.liveness import REASON_OWNER_SILENT, SILENCE, status_text
 from fastproxy.bus.redis.roles import (
     BUFFER_MAX,
     FEED_ADD,
@@ -27,13 +31,16 @@ from fastproxy.bus.redis.roles import (
     LOCAL,
     NONE,
     OWNER,
+    OWNER_SILENT,
     PUBLISH,
     SUBSCRIBE,
     SYNC,
     UNSUBSCRIBE,
     Roles,
+    status_marker,
 )
-from fastproxy.streams import Stream
+from fastproxy.codec import new_codec
+from fastproxy.streams import Stream, parse_stream_arg
 from tests.bus.fakes import Recorder, make_message
 
 ME, OTHER = b"me", b"other"
@@ -56,11 +63,17 @@ RESET = encode_marker(KIND_RESET)
 HANDOVER = encode_marker(KIND_HANDOVER)
 REJECT = encode_marker(KIND_REJECT, "topic unknown")
 
+
+def live(at: float) -> tuple[Any, ...]:
+    """The status marker a new owner publishes (its freshness is its own, live)."""
+    return (PUBLISH, SID, status_marker(None, int(at * 1000)))
+
+
 # Steps: (event, arguments, the actions it must produce). The events are Roles' methods; `feed`
 # is feed_message (its answer is one action kind or None) and `chan` is channel_data.
 UP = ("redis_up", (), ANY)
 HOLD = ("acquire", (S,), [(SYNC, SID)])
-WON = ("held_result", (SID, ME, 10, "e0", 0.0), [(FEED_ADD, S, 10, "e0")])
+WON = ("held_result", (SID, ME, 10, "e0", 0.0), [(FEED_ADD, S, 10, "e0"), live(0.0)])
 FOLLOW = ("held_result", (SID, OTHER, 10, "e0", 0.0), [])
 SUBSCRIBED = [
     ("reconcile", ([SID],), [(SUBSCRIBE, SID)]),
@@ -189,7 +202,7 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
         [
             *FOLLOWING,
             ("chan", (SID, blob(11)), []),
-            ("held_result", (SID, ME, 10, "e1", 2.0), [(FEED_ADD, S, 11, None)]),
+            ("held_result", (SID, ME, 10, "e1", 2.0), [(FEED_ADD, S, 11, None), live(2.0)]),
             ("feed", (msg(12), 2.5), PUBLISH),
         ],
         OWNER,
@@ -198,7 +211,7 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
     "reject during takeover: the feed refuses the stream we just won": (
         [
             *FOLLOWING,
-            ("held_result", (SID, ME, 10, "e1", 2.0), [(FEED_ADD, S, 10, "e1")]),
+            ("held_result", (SID, ME, 10, "e1", 2.0), [(FEED_ADD, S, 10, "e1"), live(2.0)]),
             ("feed_reject", (S, "topic unknown"), [(SYNC, SID)]),
             ("call_for", (SID,), ("leave", True, REJECT)),
             ("left_result", (SID, b""), []),
@@ -328,7 +341,7 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
         [
             ("acquire", (S,), ANY),
             UP,
-            ("held_result", (SID, ME, 3, "e0", 0.0, 5), []),
+            ("held_result", (SID, ME, 3, "e0", 0.0, 5), [live(0.0)]),
         ],
         OWNER,
         [],
@@ -340,7 +353,7 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
             (
                 "held_result",
                 (SID, ME, 30, "e0", 0.0, 5),
-                [(FEED_REMOVE, S), (FEED_ADD, S, 30, "e0")],
+                [(FEED_REMOVE, S), (FEED_ADD, S, 30, "e0"), live(0.0)],
             ),
         ],
         OWNER,
@@ -383,7 +396,11 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
         [
             ("acquire", (S,), ANY),
             UP,
-            ("held_result", (SID, ME, 3, "e0", 0.0, None), [(FEED_ADD, S, 3, "e0")]),
+            (
+                "held_result",
+                (SID, ME, 3, "e0", 0.0, None),
+                [(FEED_ADD, S, 3, "e0"), live(0.0)],
+            ),
         ],
         OWNER,
         [],
@@ -397,6 +414,26 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
         NONE,
         [10],
     ),
+    "ready for a resume: a follower once its stored state is served": (
+        [
+            UP,
+            HOLD,
+            ("ready", (SID,), False),
+            FOLLOW,
+            ("ready", (SID,), False),
+            *SUBSCRIBED,
+            ("ready", (SID,), False),
+            ("fetched", (SID, blob(10)), []),
+            ("ready", (SID,), True),
+        ],
+        FOLLOWER,
+        [10],
+    ),
+    "ready for a resume: an owner at once, nobody while Redis is down": (
+        [*OWNING, ("ready", (SID,), True), ("redis_down", (), []), ("ready", (SID,), False)],
+        LOCAL,
+        [],
+    ),
     "the feed refuses a stream while Redis is down: told, forgotten": (
         [("acquire", (S,), ANY), ("feed_reject", (S, "topic unknown"), [])],
         GONE,
@@ -405,11 +442,7 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_transition(name: str) -> None:
-    steps, role, seqs = CASES[name]
-    hub = Recorder()
-    roles = Roles(ME, Delivery(hub), LEASE)
+def run_steps(roles: Roles, steps: list[tuple[str, tuple[Any, ...], Any]]) -> None:
     for event, args, expected in steps:
         if event == "feed":
             got: Any = roles.feed_message(*args)
@@ -419,6 +452,14 @@ def test_transition(name: str) -> None:
             got = getattr(roles, event)(*args)
         if expected is not ANY:
             assert got == expected, f"{event}{args!r}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_transition(name: str) -> None:
+    steps, role, seqs = CASES[name]
+    hub = Recorder()
+    roles = Roles(ME, Delivery(hub), LEASE)
+    run_steps(roles, steps)
     state = roles.states.get(SID)
     assert (GONE if state is None else state.role) == role
     assert hub.seqs(S) == seqs
@@ -455,3 +496,274 @@ def test_a_follower_buffer_is_bounded() -> None:
         roles.channel_data(SID, blob(seq))
     roles.fetched(SID, blob(10))
     assert len(hub.seqs(S)) == BUFFER_MAX + 1
+
+
+# -- freshness: beats, a silent owner, status markers ------------------------------------------
+
+BEAT = (PUBLISH, SID, ("", "", encode_marker(KIND_BEAT)))
+STALE = "nothing received from the exchange for 5 s"
+STALE_MARKER = encode_marker(KIND_STATUS, status_text(STALE, 1234))
+LIVE_MARKER = encode_marker(KIND_STATUS, status_text(None, 5678))
+
+
+def never_live(stream: Stream) -> bool:
+    return False
+
+
+def always_live(stream: Stream) -> bool:
+    return True
+
+
+SILENT = ("tick", (SILENCE, never_live), [(OWNER_SILENT, SID)])
+WATCHED = ("tick", (0.0, never_live), [])  # a follower starts watching its owner
+TOLD_SILENT = (SID, REASON_OWNER_SILENT, 0)
+
+FRESHNESS: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], list[int], list[Any]]] = {
+    # name: (steps, seqs the hub got, statuses the hub got: (sid, reason, since ms))
+    "an owner beats on a quiet stream only": (
+        [
+            *OWNING,
+            ("feed", (msg(11), 0.5), PUBLISH),
+            ("tick", (1.0, never_live), []),
+            ("tick", (1.5, never_live), [BEAT]),
+            ("tick", (2.0, never_live), []),
+        ],
+        [11],
+        [],
+    ),
+    "no beats while Redis is down": (
+        [*OWNING, ("redis_down", (), []), ("tick", (5.0, never_live), [])],
+        [],
+        [],
+    ),
+    "a silent owner: the follower's clients are told stale once, live on its next Message": (
+        [
+            *FOLLOWING,
+            WATCHED,
+            ("tick", (SILENCE - 0.1, never_live), []),
+            SILENT,
+            ("tick", (SILENCE + 0.5, never_live), []),
+            ("chan", (SID, blob(11), 4.0), []),
+        ],
+        [10, 11],
+        [TOLD_SILENT, (SID, None, 4000)],
+    ),
+    "an owner's beat keeps its followers live": (
+        [
+            *FOLLOWING,
+            WATCHED,
+            ("chan", (SID, encode_marker(KIND_BEAT), 2.5), []),
+            ("tick", (SILENCE, never_live), []),
+            ("tick", (2.5 + SILENCE, never_live), [(OWNER_SILENT, SID)]),
+        ],
+        [10],
+        [(SID, REASON_OWNER_SILENT, 2500)],
+    ),
+    "a follower still behind its stored state is not watched": (
+        [UP, HOLD, FOLLOW, *SUBSCRIBED, WATCHED, ("tick", (10.0, never_live), [])],
+        [],
+        [],
+    ),
+    "taken over from a silent owner: live once our own upstream has the stream": (
+        [
+            *FOLLOWING,
+            WATCHED,
+            SILENT,
+            ("held_result", (SID, ME, 10, "e1", 3.5), [(FEED_ADD, S, 10, "e1"), live(3.5)]),
+            ("tick", (4.0, never_live), [BEAT]),
+            ("tick", (4.25, always_live), []),
+            ("tick", (4.5, always_live), []),
+        ],
+        [10],
+        [TOLD_SILENT, (SID, None, 4250)],
+    ),
+    "taken over from a silent owner: its first own Message makes it live": (
+        [
+            *FOLLOWING,
+            WATCHED,
+            SILENT,
+            ("held_result", (SID, ME, 10, "e1", 3.5), ANY),
+            ("heard", (SID, 4.0), None),
+            ("feed", (msg(11), 4.0), PUBLISH),
+            ("heard", (SID, 4.5), None),
+        ],
+        [10, 11],
+        [TOLD_SILENT, (SID, None, 4000)],
+    ),
+    "status markers: the owner's upstream freshness reaches a follower's clients": (
+        [
+            *FOLLOWING,
+            ("chan", (SID, STALE_MARKER), []),
+            ("chan", (SID, encode_marker(KIND_STATUS, "not a status")), []),
+            ("chan", (SID, LIVE_MARKER), []),
+        ],
+        [10],
+        [(SID, STALE, 1234), (SID, None, 5678)],
+    ),
+    "a status marker for a stream we own is ours to send, not to take": (
+        [*OWNING, ("chan", (SID, STALE_MARKER), [])],
+        [],
+        [],
+    ),
+    "the owner's upstream goes stale: its clients and the channel are told, no beat due": (
+        [
+            *OWNING,
+            (
+                "feed_status",
+                (S, STALE, 1234, 1.0),
+                [(PUBLISH, SID, status_marker(STALE, 1234))],
+            ),
+            ("tick", (1.5, never_live), []),
+        ],
+        [],
+        [(SID, STALE, 1234)],
+    ),
+    "upstream freshness while Redis is down: the node's own clients only": (
+        [("acquire", (S,), ANY), ("feed_status", (S, STALE, 1234, 1.0), [])],
+        [],
+        [(SID, STALE, 1234)],
+    ),
+    "a follower's own feed has no say in the stream's freshness": (
+        [*FOLLOWING, ("feed_status", (S, STALE, 1234, 1.0), [])],
+        [10],
+        [],
+    ),
+    "a joining follower hears the stored stale status with the stored state": (
+        [UP, HOLD, FOLLOW, *SUBSCRIBED, ("fetched", (SID, blob(10), STALE_MARKER), [])],
+        [10],
+        [(SID, STALE, 1234)],
+    ),
+    "a stored live status tells a joining follower nothing": (
+        [UP, HOLD, FOLLOW, *SUBSCRIBED, ("fetched", (SID, blob(10), LIVE_MARKER), [])],
+        [10],
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FRESHNESS))
+def test_freshness(name: str) -> None:
+    steps, seqs, statuses = FRESHNESS[name]
+    hub = Recorder()
+    roles = Roles(ME, Delivery(hub), LEASE)
+    run_steps(roles, steps)
+    assert hub.seqs(S) == seqs
+    assert hub.statuses == statuses
+
+
+def test_a_forgotten_stream_is_not_watched() -> None:
+    hub = Recorder()
+    roles = Roles(ME, Delivery(hub), LEASE)
+    run_steps(roles, [*FOLLOWING, WATCHED, ("release", (S,), ANY), ("forget", (SID,), None)])
+    assert roles.tick(SILENCE * 2, never_live) == []
+    assert roles.watch.silent_count == 0
+
+
+# -- books: a follower's own copy -----------------------------------------------------------
+
+B = parse_stream_arg("orderbook:50:BTCUSDT")
+BSID = B.stream_id
+
+
+def book_frame(kind: str, u: int, bids: list[list[str]]) -> dict[str, Any]:
+    return {
+        "topic": B.topic,
+        "type": kind,
+        "ts": 1_700_000_000_000 + u,
+        "data": {"s": "BTCUSDT", "b": bids, "a": [["105.0", "1"]], "u": u, "seq": u},
+        "cts": 1_700_000_000_000 + u,
+    }
+
+
+def _book_line() -> tuple[list[Any], dict[int, Any]]:
+    """The owner's Messages (seq 11 the snapshot, 12-14 updates) and its book at each seq."""
+    codec = new_codec(B, 10, "e1")
+    out = [codec.feed(book_frame("snapshot", 100, [["100.0", "1"]]))[0]]
+    books = {11: codec.snapshot()}
+    for u, size in ((101, "2"), (102, "3"), (103, "4")):
+        out += codec.feed(book_frame("delta", u, [["100.0", size], [f"99.{u - 100}", "1"]]))
+        books[out[-1].seq] = codec.snapshot()
+    return out, books
+
+
+BOOK, OWNER_BOOKS = _book_line()
+STORED = OWNER_BOOKS[13]
+
+
+def bblob(i: int) -> bytes:
+    return encode_message(BOOK[i])
+
+
+B_FOLLOW = [
+    UP,
+    ("acquire", (B,), [(SYNC, BSID)]),
+    ("held_result", (BSID, OTHER, 10, "e1", 0.0), []),
+    ("reconcile", ([BSID],), [(SUBSCRIBE, BSID)]),
+    ("subscribing", (BSID,), None),
+    ("confirmed", (BSID,), [(FETCH, BSID)]),
+]
+
+BOOKS: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], list[int], int | None]] = {
+    # name: (steps, seqs the hub got, the seq of the follower's copy of the book, None: none)
+    "a follower keeps its own copy of the book, fed with what it delivers": (
+        [*B_FOLLOW, ("fetched", (BSID, bblob(0)), []), ("chan", (BSID, bblob(1)), [])],
+        [11, 12],
+        12,
+    ),
+    "an update that does not follow the copy: back to the stored book, the channel held": (
+        [
+            *B_FOLLOW,
+            ("fetched", (BSID, bblob(0)), []),
+            ("chan", (BSID, bblob(2)), [(FETCH, BSID)]),
+            ("chan", (BSID, bblob(3)), []),
+            ("fetched", (BSID, encode_message(STORED)), []),
+        ],
+        [11, 13, 14],
+        14,
+    ),
+    "an update with no book kept yet is not delivered: the stored book is fetched": (
+        [
+            *B_FOLLOW,
+            ("fetched", (BSID, None), []),
+            ("chan", (BSID, bblob(1)), [(FETCH, BSID)]),
+            ("fetched", (BSID, encode_message(STORED)), []),
+        ],
+        [13],
+        13,
+    ),
+    "a reset on the channel drops the copy; the next update refetches": (
+        [
+            *B_FOLLOW,
+            ("fetched", (BSID, bblob(0)), []),
+            ("chan", (BSID, RESET), []),
+            ("chan", (BSID, bblob(1)), [(FETCH, BSID)]),
+        ],
+        [11],
+        None,
+    ),
+    "a follower that releases keeps no copy": (
+        [*B_FOLLOW, ("fetched", (BSID, bblob(0)), []), ("release", (B,), [(SYNC, BSID)])],
+        [11],
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BOOKS))
+def test_book_copy(name: str) -> None:
+    steps, seqs, book_seq = BOOKS[name]
+    hub = Recorder()
+    roles: Roles
+    delivery = Delivery(hub, state=lambda stream: roles.follower_book(stream.stream_id))
+    roles = Roles(ME, delivery, LEASE)
+    run_steps(roles, steps)
+    assert hub.seqs(B) == seqs
+    got = hub.got.get(BSID, [])
+    assert [m.type for m in got[:1]] == ["snapshot"][: len(got)]  # the first is the book
+    book = roles.follower_book(BSID)
+    assert (None if book is None else book.seq) == book_seq
+    if book is not None:  # the copy is the owner's book at that seq
+        assert (
+            orjson.loads(book.payload)["data"]
+            == orjson.loads(OWNER_BOOKS[book_seq].payload)["data"]
+        )

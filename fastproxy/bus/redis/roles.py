@@ -19,21 +19,36 @@ cut off may have lost it, and then delivers nothing until a renewal is confirmed
 FOLLOWER: delivers what the channel carries, behind the stored snapshot (the channel's
 Messages wait in a buffer until the subscription is confirmed and the snapshot fetched).
 LOCAL: Redis is unreachable: subscribed upstream for this node's clients only.
+
+Delta streams (books): a follower keeps its own copy of the book (`book`), fed with every
+Message it delivers, so its late joiners get the whole book; an update that does not follow
+the copy sends it back to the stored book (FETCH, the channel buffered meanwhile).
+
+Freshness: the owner's upstream freshness goes to the followers as a status marker; an owner
+beats on quiet streams, and a follower that hears nothing from its owner for a while tells its
+clients the stream is stale (`tick`, timing in `liveness`). `wall_ms` turns a monotonic time
+(the `now` events are given) into the epoch ms the hub is told.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastproxy.bus.redis.codec import (
+    KIND_BEAT,
     KIND_HANDOVER,
     KIND_MESSAGE,
     KIND_REJECT,
     KIND_RESET,
+    KIND_STATUS,
     decode_message,
     encode_marker,
     marker_text,
 )
+from fastproxy.bus.redis.liveness import REASON_OWNER_SILENT, OwnerWatch, parse_status, status_text
+from fastproxy.codec import new_codec
+from fastproxy.wire import SNAPSHOT
 
 if TYPE_CHECKING:
     from fastproxy.bus.delivery import Delivery
@@ -53,18 +68,26 @@ FETCH = "fetch"  # (FETCH, sid): read the stored snapshot
 PUBLISH = "publish"  # (PUBLISH, sid, marker triple): a control marker for the channel
 SUBSCRIBE = "subscribe"  # (SUBSCRIBE, sid): open the stream's channel subscription
 UNSUBSCRIBE = "unsubscribe"  # (UNSUBSCRIBE, sid): close it
+OWNER_SILENT = "owner_silent"  # (OWNER_SILENT, sid): told stale, its owner is silent (a log)
 
 BUFFER_MAX = 4096  # channel Messages held while the snapshot is fetched
 
 Action = tuple[Any, ...]
 
 _RESET_MARKER = ("-", "", encode_marker(KIND_RESET))
+_BEAT_MARKER = ("", "", encode_marker(KIND_BEAT))
+
+
+def status_marker(reason: str | None, since: int) -> tuple[str, str, bytes]:
+    """The owner's freshness for the channel (and stored for nodes that join later)."""
+    return ("!", "", encode_marker(KIND_STATUS, status_text(reason, since)))
 
 
 class StreamRole:
     """What this node knows and does about one stream."""
 
     __slots__ = (
+        "book",
         "buffer",
         "channel",
         "confirms",
@@ -90,15 +113,26 @@ class StreamRole:
         self.force = False  # give the lease up at the next pass (we hold it without a feed)
         self.reject_reason: str | None = None
         self.lease_until = 0.0  # OWNER: our clock's latest moment the lease is surely ours
+        # a follower's copy of a delta stream's state (a book), fed with every Message it
+        # delivers, so that its own late joiners get the whole book; None: not known here
+        self.book: Any = None
 
 
 class Roles:
     """The ownership machine of one node. See the module docstring."""
 
-    def __init__(self, node: bytes, delivery: Delivery, lease: float) -> None:
+    def __init__(
+        self,
+        node: bytes,
+        delivery: Delivery,
+        lease: float,
+        wall_ms: Callable[[float], int] = lambda now: int(now * 1000),
+    ) -> None:
         self.node = node
         self.delivery = delivery
         self.lease = lease
+        self.wall_ms = wall_ms  # a monotonic time (as events give `now`) as epoch ms
+        self.watch = OwnerWatch()  # is each followed stream's owner still publishing?
         self.states: dict[str, StreamRole] = {}
         self.healthy = False  # Redis answers: the cluster decides who owns what
         self.leases_won = 0
@@ -117,7 +151,7 @@ class Roles:
         st.held = True
         # the hub has no state for a stream it did not hold: whatever comes next (a kept
         # subscription's update, an owner's update) goes to it as a snapshot
-        self.delivery.hold(st.sid)
+        self.delivery.hold(st.sid, stream)
         if self.healthy:
             return [(SYNC, st.sid)]
         if st.role is NONE:
@@ -134,6 +168,7 @@ class Roles:
         if st.role is FOLLOWER:
             st.role = NONE
             st.buffer = None
+            st.book = None
         elif st.role is LOCAL:
             actions.append((FEED_REMOVE, stream))
             st.role = NONE
@@ -143,7 +178,31 @@ class Roles:
             self.forget(st.sid)  # our interest lapses with its TTL
         return actions
 
+    def follower_book(self, sid: str) -> Message | None:
+        """A follower's copy of a book, as a snapshot at its last seq (None: none kept)."""
+        st = self.states.get(sid)
+        if st is None or st.role is not FOLLOWER or st.book is None:
+            return None
+        return st.book.snapshot()
+
+    def ready(self, sid: str) -> bool:
+        """This node receives every Message of the stream from here on (its own feed's, or
+        the channel's with the stored state served): what a resume from history needs."""
+        st = self.states.get(sid)
+        if st is None or not self.healthy:
+            return False
+        if st.role is FOLLOWER:  # subscribed, confirmed, and the stored state served
+            return st.channel and st.buffer is None and not st.confirms
+        return st.role is OWNER
+
     # -- the feed (this node's upstream) ----------------------------------------------------
+
+    def heard(self, sid: str, now: float) -> None:
+        """A Message of the stream arrived from our feed: one told stale (its owner went
+        silent, and we took it over) is live again. Call only while `watch.silent_count`."""
+        st = self.states.get(sid)
+        if st is not None and self.watch.heard(sid, now):
+            self.delivery.status(st.stream, None, self.wall_ms(now))  # a new owner publishes
 
     def feed_message(self, message: Message, now: float) -> str | None:
         """The hot path: deliver the node's own Message; PUBLISH when it goes to the channel
@@ -159,6 +218,7 @@ class Roles:
                 self.unconfirmed += 1
                 return SYNC
             if self.delivery.deliver(message) and self.healthy:
+                self.watch.published(st.sid, now)
                 return PUBLISH
         elif role is LOCAL:
             self.delivery.deliver(message)
@@ -169,6 +229,19 @@ class Roles:
         st = self.states.get(stream.stream_id)
         if st is not None and st.role is OWNER and self.healthy:
             return [(PUBLISH, st.sid, _RESET_MARKER)]
+        return []
+
+    def feed_status(
+        self, stream: Stream, reason: str | None, since: int, now: float
+    ) -> list[Action]:
+        """Our upstream's freshness of the stream changed (`since`: epoch ms)."""
+        st = self.states.get(stream.stream_id)
+        if st is None or st.role not in (OWNER, LOCAL):
+            return []
+        self.delivery.status(stream, reason, since)
+        if st.role is OWNER and self.healthy:  # the followers' clients are told too
+            self.watch.published(st.sid, now)
+            return [(PUBLISH, st.sid, status_marker(reason, since))]
         return []
 
     def feed_reject(self, stream: Stream, reason: str) -> list[Action]:
@@ -191,11 +264,13 @@ class Roles:
 
     # -- the channel ------------------------------------------------------------------------
 
-    def channel_data(self, sid: str, data: bytes) -> list[Action]:
+    def channel_data(self, sid: str, data: bytes, now: float = 0.0) -> list[Action]:
         st = self.states.get(sid)
         if st is None:
             return []
         kind = data[0]
+        if st.role is FOLLOWER and self.watch.heard(sid, now):
+            self.delivery.status(st.stream, None, self.wall_ms(now))  # the owner speaks again
         if kind == KIND_MESSAGE:
             if st.role is not FOLLOWER:
                 return []
@@ -203,11 +278,12 @@ class Roles:
             message = decode_message(sid, data)
             buffer = st.buffer
             if buffer is None:
-                self.delivery.deliver(message)
-            elif len(buffer) < BUFFER_MAX:
+                return self._follow(st, message)
+            if len(buffer) < BUFFER_MAX:
                 buffer.append(message)
             return []
         if kind == KIND_RESET:
+            st.book = None
             if st.role is FOLLOWER:
                 self.delivery.reset(st.stream)
         elif kind == KIND_REJECT:
@@ -215,7 +291,78 @@ class Roles:
                 return self._rejected(st, marker_text(data))
         elif kind == KIND_HANDOVER and st.held:
             return [(SYNC, sid)]  # the lease is free: stand for election now
+        elif kind == KIND_STATUS and st.role is FOLLOWER:
+            report = parse_status(marker_text(data))
+            if report is not None:
+                self.delivery.status(st.stream, *report)
         return []
+
+    def _follow(self, st: StreamRole, message: Message) -> list[Action]:
+        """A follower's delivery. A book's update is applied to this node's copy of the book
+        first (its late joiners are served from that copy); one that does not follow the copy
+        sends the follower back to the stored book."""
+        if not st.stream.is_delta:
+            self.delivery.deliver(message)
+            return []
+        last = self.delivery.last_seq(st.sid)
+        if last is not None and message.seq <= last:
+            self.delivery.deliver(message)  # a duplicate: counted and dropped
+            return []
+        if message.type == SNAPSHOT:
+            if st.book is None:
+                st.book = new_codec(st.stream)
+            st.book.follow(message)
+        elif st.book is not None and last is not None and message.seq == last + 1:
+            st.book.follow(message)
+        else:
+            return self._refetch(st, message)
+        self.delivery.deliver(message)
+        return []
+
+    def _refetch(self, st: StreamRole, message: Message) -> list[Action]:
+        """A follower's book lost its chain: hold the channel's Messages again and fetch the
+        stored book (the owner keeps it current), then carry on from there."""
+        st.book = None
+        self.delivery.rebase(st.sid)  # whatever the stored book's seq, the hub gets it next
+        actions: list[Action] = []
+        if st.buffer is None:
+            st.buffer = []
+            actions.append((FETCH, st.sid))
+        if len(st.buffer) < BUFFER_MAX:
+            st.buffer.append(message)
+        return actions
+
+    # -- liveness ---------------------------------------------------------------------------
+
+    def tick(self, now: float, is_live: Callable[[Stream], bool]) -> list[Action]:
+        """Every `liveness.CHECK_EVERY`: owners beat on quiet streams (PUBLISH of a beat
+        marker); a followed stream whose owner was silent too long is told stale; one we took
+        over from a silent owner is live once our own upstream has it (`is_live`), even if it
+        is too quiet to publish anything yet."""
+        watch = self.watch
+        owned = []
+        for sid, st in self.states.items():
+            if st.role is OWNER:
+                owned.append(sid)
+                watch.unfollow(sid)
+            elif st.role is FOLLOWER and st.held and st.buffer is None and not st.confirms:
+                watch.follow(sid, now)
+            else:
+                watch.unfollow(sid)
+        actions: list[Action] = []
+        if self.healthy:
+            actions += [(PUBLISH, sid, _BEAT_MARKER) for sid in watch.beats_due(owned, now)]
+        for sid in owned:
+            st = self.states[sid]
+            if watch.is_silent(sid) and is_live(st.stream):
+                watch.heard(sid, now)
+                self.delivery.status(st.stream, None, self.wall_ms(now))
+        for sid, since in watch.due(now):
+            st = self.states.get(sid)
+            if st is not None and st.held:
+                actions.append((OWNER_SILENT, sid))
+                self.delivery.status(st.stream, REASON_OWNER_SILENT, self.wall_ms(since))
+        return actions
 
     def reconcile(self, sids: list[str]) -> list[Action]:
         """Channel subscriptions for these streams: each one this node follows, only those.
@@ -284,6 +431,7 @@ class Roles:
         stored_epoch: str,
         sent_at: float,
         feed_seq: int | None = None,
+        now: float | None = None,
     ) -> list[Action]:
         """The hold script's answer; `sent_at` is when it was sent (our clock): a renewal
         made then lasts at least until `sent_at + lease`. `feed_seq`: the last seq our feed
@@ -294,7 +442,8 @@ class Roles:
         if owner == self.node:
             st.lease_until = sent_at + self.lease
             if st.role is not OWNER:
-                return self._become_owner(st, stored_seq, stored_epoch, feed_seq)
+                at = sent_at if now is None else now
+                return self._become_owner(st, stored_seq, stored_epoch, feed_seq, at)
             return []
         actions: list[Action] = []
         if st.role is OWNER or st.role is LOCAL:
@@ -328,24 +477,30 @@ class Roles:
                 st.role = NONE
         return actions
 
-    def fetched(self, sid: str, blob: bytes | None) -> list[Action]:
+    def fetched(self, sid: str, blob: bytes | None, status: bytes | None = None) -> list[Action]:
+        """The stored state (`blob`, the last Message or a whole book) and the owner's last
+        freshness marker (`status`) were read."""
         st = self.states.get(sid)
         if st is None or st.role is not FOLLOWER or st.buffer is None or st.confirms:
             return []
         buffered, st.buffer = st.buffer, None
         delivery = self.delivery
+        report = parse_status(marker_text(status)) if status else None
+        if report is not None and report[0] is not None:  # the owner's upstream is stale now
+            delivery.status(st.stream, *report)
         if st.rebase:
             st.rebase = False
             delivery.rebase(sid)
+        actions: list[Action] = []
         if blob:
-            stored = decode_message(sid, blob)
+            kept = decode_message(sid, blob)
             last = delivery.last_seq(sid)
-            if last is None or stored.seq > last:
+            if last is None or kept.seq > last:
                 delivery.resync(sid)
-                delivery.deliver(stored)
+                actions += self._follow(st, kept)
         for message in buffered:
-            delivery.deliver(message)
-        return []
+            actions += self._follow(st, message)
+        return actions
 
     def fenced(self, sid: str) -> list[Action]:
         """A publish was refused: another node has the lease. Until the next hold says so,
@@ -367,6 +522,7 @@ class Roles:
     def forget(self, sid: str) -> None:
         del self.states[sid]
         self.delivery.forget(sid)
+        self.watch.forget(sid)
 
     # -- Redis down and up -----------------------------------------------------------------
 
@@ -407,7 +563,12 @@ class Roles:
         return actions
 
     def _become_owner(
-        self, st: StreamRole, stored_seq: int, stored_epoch: str, feed_seq: int | None
+        self,
+        st: StreamRole,
+        stored_seq: int,
+        stored_epoch: str,
+        feed_seq: int | None,
+        now: float,
     ) -> list[Action]:
         # Continue the numbering past anything published or delivered: dedupe by seq must
         # never swallow the new owner's Messages on any node. Continuing the stored line
@@ -427,6 +588,8 @@ class Roles:
         st.role = OWNER
         st.buffer = None
         self.leases_won += 1
+        if self.healthy:  # whatever freshness the last owner stored is not ours
+            actions.append((PUBLISH, st.sid, status_marker(None, self.wall_ms(now))))
         return actions
 
     def _lose_ownership(self, st: StreamRole) -> list[Action]:

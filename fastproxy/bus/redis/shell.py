@@ -7,11 +7,13 @@ subscribe to that channel. Nodes that die simply stop renewing: their interest a
 within the TTL with no cleanup step by anyone, and an interested node takes the lease over.
 
 Who does what about each stream is decided by `roles.Roles`, a state machine with no I/O; this
-module is the shell that feeds it events and performs its actions. Three background tasks, and
+module is the shell that feeds it events and performs its actions. Four background tasks, and
 nothing on the hot path awaits Redis:
 - control: acquire/release, heartbeats, elections, snapshot fetches and (un)subscriptions, all
   batched into pipelines, so a burst of 1000 subscribes costs a few round trips;
 - publisher: the owner's Messages, queued (bounded, drops counted) and pipelined;
+- liveness: every CHECK_EVERY, the owners' heartbeats and the followers' silence check
+  (`Roles.tick`, timing in `liveness`);
 - one reader per pub/sub connection (one per shard on a cluster; see `pubsub`).
 
 Connections: commands (scripts, pipelines) go through a pool of REDIS_MAX_CONNECTIONS (per shard
@@ -46,7 +48,13 @@ from redis.exceptions import NoScriptError, ResponseError
 from fastproxy.bus import Callbacks
 from fastproxy.bus.delivery import Delivery
 from fastproxy.bus.redis import lua
-from fastproxy.bus.redis.codec import KIND_HANDOVER, encode_marker, encode_message
+from fastproxy.bus.redis.codec import (
+    KIND_HANDOVER,
+    decode_message,
+    encode_marker,
+    encode_message,
+)
+from fastproxy.bus.redis.liveness import CHECK_EVERY
 from fastproxy.bus.redis.options import parse_redis_url, with_host, without_db
 from fastproxy.bus.redis.pubsub import Channels, within
 from fastproxy.bus.redis.roles import (
@@ -57,6 +65,7 @@ from fastproxy.bus.redis.roles import (
     LOCAL,
     NONE,
     OWNER,
+    OWNER_SILENT,
     PUBLISH,
     SUBSCRIBE,
     SYNC,
@@ -83,13 +92,14 @@ _Call = tuple[str, StreamRole | None, tuple[Any, ...]]
 class _Keys:
     """A stream's keys and channel in Redis (see lua.py)."""
 
-    __slots__ = ("channel", "interest", "last", "lease")
+    __slots__ = ("channel", "hist", "interest", "last", "lease")
 
     def __init__(self, prefix: str, sid: str) -> None:
         tag = f"{prefix}:{{{sid}}}"
         self.interest = f"{tag}:interest"
         self.lease = f"{tag}:lease"
         self.last = f"{tag}:last"
+        self.hist = f"{tag}:hist"
         self.channel = f"{tag}:ch".encode()
 
     @property
@@ -101,6 +111,8 @@ class RedisBus:
     """The Bus on Redis. See the module docstring for the design."""
 
     name = "redis"
+    # the owner writes each stream's history to Redis with the publish: any node can resume
+    shared_history = True
 
     def __init__(self, feed: Source, config: Config, *, node_id: str | None = None) -> None:
         self._feed = feed
@@ -108,6 +120,9 @@ class RedisBus:
         self.ttl = self.options.ttl
         self.prefix = self.options.prefix
         self.max_connections = config.redis_max_connections
+        # resumes on any node read the history the owner writes with each publish
+        self.history_max_messages = config.history_max_messages
+        self.history_max_age = config.history_max_age
         # Interest is renewed three times per TTL; a lease lasts two renewal periods, so one
         # missed heartbeat does not lose it, and a dead owner is replaced within one TTL: the
         # lease lapses (2/3 TTL) and an interested node's next heartbeat (1/3 TTL) takes it.
@@ -118,9 +133,16 @@ class RedisBus:
         self._node = self.node_id.encode()
         self._k_nodes = f"{self.prefix}:nodes"
         # what reaches the hub passes the delivery rules every engine shares
-        self._delivery = Delivery()
-        self._roles = Roles(self._node, self._delivery, self.lease)
-        feed.attach(Callbacks(self._on_feed_message, self._on_feed_reset, self._on_feed_reject))
+        self._delivery = Delivery(state=self.snapshot)
+        self._roles = Roles(self._node, self._delivery, self.lease, _wall_ms)
+        feed.attach(
+            Callbacks(
+                self._on_feed_message,
+                self._on_feed_reset,
+                self._on_feed_reject,
+                self._on_feed_status,
+            )
+        )
         self._keys: dict[str, _Keys] = {}
         self._dirty: set[str] = set()  # streams whose interest/lease need a script this pass
         self._fetch: set[str] = set()  # followers whose subscription is confirmed: snapshot
@@ -164,6 +186,7 @@ class RedisBus:
         self._tasks = [
             asyncio.create_task(self._control(), name="redis-bus-control"),
             asyncio.create_task(self._publisher(), name="redis-bus-publisher"),
+            asyncio.create_task(self._liveness(), name="redis-bus-liveness"),
         ]
 
     async def stop(self) -> None:
@@ -199,6 +222,45 @@ class RedisBus:
 
     def release(self, stream: Stream) -> None:
         self._perform(self._roles.release(stream))
+
+    def snapshot(self, stream: Stream) -> Message | None:
+        st = self._roles.states.get(stream.stream_id)
+        if st is None:
+            return None
+        if st.role is OWNER or st.role is LOCAL:
+            return self._feed.snapshot(stream)
+        return self._roles.follower_book(st.sid)
+
+    def ready(self, stream: Stream) -> bool:
+        """This node receives every Message of `stream` from here on (see Roles.ready)."""
+        return self._roles.ready(stream.stream_id)
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        """(seq, frame) of every Message the stream published after `seq` in `epoch`, from the
+        history the owner writes with each publish; None when it cannot bridge the gap (another
+        epoch, Messages after `seq` already trimmed or too old, Redis unreachable)."""
+        if not self._roles.healthy or self._client is None or self.history_max_messages <= 0:
+            return None
+        keys = _Keys(self.prefix, stream.stream_id)
+        async with self._sem:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hmget(keys.last, "epoch", "seq")
+            pipe.xrange(keys.hist, f"0-{seq + 1}", "+", count=self.history_max_messages + 1)
+            (kept_epoch, kept_seq), entries = await within(self.op_timeout, pipe.execute())
+        if kept_epoch is None or kept_epoch.decode() != epoch:
+            return None
+        if not entries:
+            return [] if kept_seq is not None and int(kept_seq) == seq else None
+        horizon = (time.time() - self.history_max_age) * 1000
+        out = []
+        for entry_id, fields in entries:
+            n = int(entry_id.split(b"-", 1)[1])
+            if n != seq + 1 + len(out) or int(fields[b"t"]) < horizon:
+                return None  # trimmed, or past its age
+            out.append((n, decode_message(stream.stream_id, fields[b"m"]).frame))
+        return out
 
     def status(self) -> dict[str, Any]:
         roles = dict.fromkeys((OWNER, FOLLOWER, LOCAL), 0)
@@ -259,6 +321,8 @@ class RedisBus:
                 self._wake.set()
             elif kind is PUBLISH:
                 self._enqueue(action[1], action[2])
+            elif kind is OWNER_SILENT:
+                log.warning("stream owner silent", extra={"stream": action[1]})
             else:  # pragma: no cover - (un)subscriptions are performed by _reconcile
                 raise AssertionError(f"unexpected action {action!r}")
 
@@ -275,14 +339,18 @@ class RedisBus:
     # -- the hot path: Messages in from the feed or a channel ------------------------------
 
     def _on_feed_message(self, message: Message) -> None:
-        action = self._roles.feed_message(message, time.monotonic())
+        roles = self._roles
+        now = time.monotonic()
+        if roles.watch.silent_count:
+            roles.heard(message.stream_id, now)
+        action = roles.feed_message(message, now)
         if action is PUBLISH:
             self._enqueue(message.stream_id, message)
         elif action is SYNC:
             self._sync(message.stream_id)
 
     def _on_channel_data(self, sid: str, data: bytes) -> None:
-        self._perform(self._roles.channel_data(sid, data))
+        self._perform(self._roles.channel_data(sid, data, time.monotonic()))
 
     def _enqueue(self, sid: str, item: Any) -> None:
         queue = self._queue
@@ -294,6 +362,9 @@ class RedisBus:
 
     def _on_feed_reset(self, stream: Stream) -> None:
         self._perform(self._roles.feed_reset(stream))
+
+    def _on_feed_status(self, stream: Stream, reason: str | None, since: int) -> None:
+        self._perform(self._roles.feed_status(stream, reason, since, time.monotonic()))
 
     def _on_feed_reject(self, stream: Stream, reason: str) -> None:
         self._perform(self._roles.feed_reject(stream, reason))
@@ -399,7 +470,7 @@ class RedisBus:
         for kind, st, spec in calls:
             if kind == "fetch":
                 assert st is not None
-                pipe.hget(self._keys_of(st.sid).last, "msg")
+                pipe.hmget(self._keys_of(st.sid).last, "msg", "status")
             else:
                 script, keys, args = spec
                 _evalsha(pipe, script, keys, args)
@@ -431,12 +502,12 @@ class RedisBus:
                 owner, seq, _count, epoch = result
                 feed_seq = self._feed.seq(st.stream) if st.role is LOCAL else None
                 actions = roles.held_result(
-                    st.sid, owner, int(seq), epoch.decode(), sent_at, feed_seq
+                    st.sid, owner, int(seq), epoch.decode(), sent_at, feed_seq, time.monotonic()
                 )
             elif kind == "leave":
                 actions = roles.left_result(st.sid, result[0])
             else:
-                actions = roles.fetched(st.sid, result)
+                actions = roles.fetched(st.sid, *result)
             self._perform(actions)
         if reload:
             await self._load_scripts()
@@ -515,15 +586,27 @@ class RedisBus:
             group.append(item)
         pipe = self._client.pipeline(transaction=False)
         command, keep = self._pub_command, str(_KEEP_LAST_MS)
+        kept = self.history_max_messages if self.history_max_age > 0 else 0
+        hist = (str(kept), self._ms(self.history_max_age))
+        now = str(int(time.time() * 1000))
+        states = self._roles.states
         for sid, items in groups.items():
             keys = self._keys_of(sid)
-            args: list[Any] = [self._node, command, keys.channel, keep]
+            args: list[Any] = [self._node, command, keys.channel, keep, *hist, now]
+            st = states.get(sid)
+            delta = st is not None and st.stream.is_delta
             for item in items:
                 if isinstance(item, Message):
-                    args += (str(item.seq), item.epoch, encode_message(item))
+                    # a book's update is published, and the stored state is the whole book
+                    tag = f"+{item.seq}" if delta else str(item.seq)
+                    args += (tag, item.epoch, encode_message(item))
                 else:
                     args += item
-            _evalsha(pipe, lua.PUBLISH, [keys.lease, keys.last], args)
+            if delta and st is not None and st.role is OWNER:
+                book = self._feed.snapshot(st.stream)
+                if book is not None:  # else the book is being rebuilt: a reset marker follows
+                    args += (f"={book.seq}", book.epoch, encode_message(book))
+            _evalsha(pipe, lua.PUBLISH, [keys.lease, keys.last, keys.hist], args)
         results = await self._execute(pipe)
         reload = False
         for (sid, items), result in zip(groups.items(), results, strict=True):
@@ -540,6 +623,15 @@ class RedisBus:
                 self._perform(self._roles.fenced(sid))
         if reload:
             await self._load_scripts()
+
+    # -- liveness -------------------------------------------------------------------------
+
+    async def _liveness(self) -> None:
+        """Owners beat on quiet streams; followers that hear nothing from an owner tell their
+        clients the stream is stale (Roles.tick, fastproxy.bus.redis.liveness)."""
+        while not self._stopping:
+            await asyncio.sleep(CHECK_EVERY)
+            self._perform(self._roles.tick(time.monotonic(), self._feed.is_live))
 
     # -- connection, outage, rejoin -------------------------------------------------------
 
@@ -708,6 +800,14 @@ def _reason_of(exc: BaseException) -> str:
     if isinstance(exc, ResponseError):
         return f"redis refuses the bus's commands: {type(exc).__name__}: {exc}"
     return f"redis unreachable: {exc!r}"
+
+
+def _wall_ms(monotonic: float | None = None) -> int:
+    """Epoch ms now, or of an earlier monotonic time."""
+    now = time.time()
+    if monotonic is not None:
+        now -= time.monotonic() - monotonic
+    return int(now * 1000)
 
 
 def _evalsha(pipe: Any, script: lua.Script, keys: list[str], args: list[Any]) -> None:
