@@ -12,7 +12,7 @@ from typing import Any
 from fastproxy import __version__
 from fastproxy.bus import Bus, MemoryBus
 from fastproxy.codec import IMPLEMENTATION
-from fastproxy.config import Config
+from fastproxy.config import Config, ConfigError
 from fastproxy.feed import Feed
 from fastproxy.history import History
 from fastproxy.hub import Hub
@@ -199,7 +199,7 @@ def health_reasons(config: Config, upstream: dict[str, Any], bus: Bus) -> list[s
     if down_for is not None and down_for > config.upstream_down_threshold:
         reasons.append(f"upstream down for {down_for:.0f} s")
     if not bus.healthy:
-        reasons.append("redis unreachable")
+        reasons.append(bus.status().get("reason") or "redis unreachable")
     return reasons
 
 
@@ -219,5 +219,7 @@ def run(config: Config) -> int:
             config.port,
             exc.strerror or exc,
         )
+    except ConfigError as exc:  # a Redis unfit for cluster mode
+        log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -124,7 +124,7 @@ class Feed:
         if stream is not None:
             self._handler.status(stream, reason, since)
 
-    def _on_data(self, topic: str, frame: dict, generation: int) -> None:
+    def _on_data(self, topic: str, frame: dict) -> None:
         codec = self._codecs.get(topic)
         if codec is None:  # in flight when we unsubscribed
             return

@@ -39,7 +39,7 @@ from fastproxy.app import feed_figures, health_reasons
 from fastproxy.bus import Bus, MemoryBus
 from fastproxy.bus.local import LocalBus, LocalHub
 from fastproxy.codec import IMPLEMENTATION
-from fastproxy.config import Config
+from fastproxy.config import Config, ConfigError
 from fastproxy.feed import Feed
 from fastproxy.hub import Hub
 from fastproxy.logs import setup_logging
@@ -364,7 +364,7 @@ def run(config: Config) -> int:
     setup_logging(config.log_format, config.debug, config.environment)
     try:
         return uvloop.run(Supervisor(config).run())
-    except OSError as exc:  # port in use, address not available
+    except (OSError, ConfigError) as exc:  # port in use; a Redis unfit for cluster mode
         log.error("cannot start: %s", exc)
         return 1
 

@@ -366,6 +366,45 @@ async def test_killed_owner_is_replaced_and_its_interest_expires(
             await client.aclose()
 
 
+async def test_frozen_owner_wakes_without_reused_numbers(shared_url: Callable[..., str]) -> None:
+    """An owner frozen (SIGSTOP) past its lease: on waking it must not serve its own clients
+    what its upstream buffered meanwhile under numbers the new owner has given to other data."""
+    ttl = 3
+    url = shared_url(ttl=ttl)
+    async with running_sim() as sim, proxies(sim, url, 3) as nodes, clients(nodes, 1) as everyone:
+        for c in everyone:
+            await c.subscribe("ticker:BTCUSDT")
+        await until(lambda: all(len(c.of(BTC)) >= 20 for c in everyone), 60, "data everywhere")
+        buses = [await n.bus() for n in nodes]
+        [owner_index] = [i for i, b in enumerate(buses) if b["streams_owned"] == 1]
+        frozen, woken = nodes[owner_index], everyone[owner_index]
+        others = [c for i, c in enumerate(everyone) if i != owner_index]
+        frozen.process.send_signal(signal.SIGSTOP)
+        try:
+            before = [len(c.of(BTC)) for c in others]
+            await asyncio.sleep(ttl * 2)  # the lease lapses; a survivor takes over
+            assert all(len(c.of(BTC)) > n for c, n in zip(others, before, strict=True))
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)
+        woke_at = asyncio.get_running_loop().time()
+        await until(
+            lambda: len([t for t, _, m in woken.got if t >= woke_at]) >= 30,
+            30,
+            "the woken node's client served again",
+        )
+        await asyncio.sleep(0.5)  # the others' clients have what the woken one got
+        served = {seq: raw for c in others for seq, raw in c.raw_of(BTC).items()}
+        after = [(raw, m) for t, raw, m in woken.got if t >= woke_at and m["stream"] == BTC]
+        reused = [
+            m["seq"] for raw, m in after if m["type"] == "update" and served.get(m["seq"]) != raw
+        ]
+        assert not reused, f"{len(reused)} updates under numbers the cluster used for other data"
+        seqs = [m["seq"] for m in woken.of(BTC)]
+        assert seqs == sorted(set(seqs)), "numbering went backwards or repeated"
+        assert_no_duplicate_and_jumps_marked(woken.of(BTC))
+        assert (await frozen.bus())["lease_withheld"] > 0
+
+
 async def test_redis_restart_mid_stream(private_redis: PrivateRedis) -> None:  # noqa: F811
     url = unique_url(private_redis.url, ttl=3)
     async with running_sim() as sim, proxies(sim, url, 3) as nodes, clients(nodes, 2) as everyone:
@@ -408,6 +447,78 @@ async def test_redis_restart_mid_stream(private_redis: PrivateRedis) -> None:  #
             assert_no_duplicate_and_jumps_marked(c.of(BTC))
             # no client was left without data for long, through outage and rejoin
             assert longest_silence(c, BTC, started) < 10
+
+
+async def test_full_redis_is_a_defined_state_and_recovers(
+    private_redis: PrivateRedis,  # noqa: F811
+) -> None:
+    """Redis at maxmemory (noeviction) refuses every bus write: each node says so in /health and
+    serves its own clients, and the cluster comes back to one owner when Redis has room again."""
+    url = unique_url(private_redis.url, ttl=3)
+    admin = Redis.from_url(private_redis.url)
+    async with running_sim() as sim, proxies(sim, url, 3) as nodes, clients(nodes, 1) as everyone:
+        for c in everyone:
+            await c.subscribe("ticker:BTCUSDT")
+        await until(lambda: all(len(c.of(BTC)) >= 20 for c in everyone), 60, "data everywhere")
+        await admin.config_set("maxmemory", "1")  # below its use: every write is refused (OOM)
+        try:
+
+            async def all_degraded() -> bool:
+                answers = [await n.http("/health") for n in nodes]
+                return all(
+                    code == 503 and "maxmemory" in b.get("reason", "") for code, b in answers
+                )
+
+            await until_async(all_degraded, 30, "every node to report Redis refusing writes")
+            counts = [len(c.of(BTC)) for c in everyone]
+            await until(
+                lambda: all(
+                    len(c.of(BTC)) >= n + 20 for c, n in zip(everyone, counts, strict=True)
+                ),
+                30,
+                "every node's clients served while Redis is full",
+            )
+        finally:
+            await admin.config_set("maxmemory", "0")
+        try:
+
+            async def all_healthy() -> bool:
+                return [(await n.http("/health"))[0] for n in nodes] == [200] * len(nodes)
+
+            await until_async(all_healthy, 30, "every node to rejoin")
+            await until(lambda: sim.subscription_counts().get("tickers.BTCUSDT") == 1, 30)
+            counts = [len(c.of(BTC)) for c in everyone]
+            await until(
+                lambda: all(
+                    len(c.of(BTC)) >= n + 20 for c, n in zip(everyone, counts, strict=True)
+                ),
+                30,
+                "clients served after the recovery",
+            )
+            buses = [await n.bus() for n in nodes]
+            assert sorted(b["streams_owned"] for b in buses) == [0, 0, 1]
+            for c in everyone:
+                assert_no_duplicate_and_jumps_marked(c.of(BTC))
+        finally:
+            await admin.aclose()
+
+
+async def test_cluster_mode_refuses_an_evicting_redis(
+    private_redis: PrivateRedis,  # noqa: F811
+) -> None:
+    admin = Redis.from_url(private_redis.url)
+    try:
+        await admin.config_set("maxmemory-policy", "allkeys-lru")
+    finally:
+        await admin.aclose()
+    async with running_sim() as sim:
+        node = Proxy(sim, unique_url(private_redis.url))
+        try:
+            code = await asyncio.to_thread(node.process.wait, 60)
+            assert code == 1
+            assert "maxmemory-policy is allkeys-lru" in node.tail()
+        finally:
+            node.stop()
 
 
 async def test_burst_of_1000_clients_through_a_small_redis_pool(

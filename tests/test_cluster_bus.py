@@ -25,7 +25,8 @@ from redis.asyncio import Redis
 from fastproxy.bus.redis import lua
 from fastproxy.bus.redis.codec import decode_message, encode_message
 from fastproxy.bus.redis.options import parse_redis_url
-from fastproxy.bus.redis.shell import FOLLOWER, LOCAL, OWNER, RedisBus
+from fastproxy.bus.redis.roles import FOLLOWER, LOCAL, OWNER
+from fastproxy.bus.redis.shell import RedisBus
 from fastproxy.config import Config
 from fastproxy.streams import Stream, parse_stream_arg
 from tests.bus.fakes import FakeFeed, Recorder, make_message
@@ -532,7 +533,7 @@ async def test_interest_and_leases_stay_consistent_under_random_churn(
             return {
                 n.bus.node_id.encode()
                 for n in made
-                if (st := n.bus._states.get(stream.stream_id)) is not None and st.held
+                if (st := n.bus._roles.states.get(stream.stream_id)) is not None and st.held
             }
 
         async def consistent() -> bool:
@@ -572,7 +573,9 @@ async def test_owner_reset_and_rejection_reach_every_holder(
         a.feed.handler.reject(BTC, "topic unknown")
         await until(lambda: b.hub.rejects == [(BTC.stream_id, "topic unknown")])
         assert a.hub.rejects == [(BTC.stream_id, "topic unknown")]
-        await until(lambda: not a.bus._states and not b.bus._states, what="stream forgotten")
+        await until(
+            lambda: not a.bus._roles.states and not b.bus._roles.states, what="stream forgotten"
+        )
         assert await redis.get(f"{prefix}:{{{BTC.stream_id}}}:lease") is None
         assert not owners([a, b], BTC)
 

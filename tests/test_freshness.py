@@ -23,7 +23,7 @@ import pytest
 
 from fastproxy.freshness import FreshnessBoard, status_payload
 from fastproxy.upstream import UpstreamPool, UpstreamSettings
-from fastproxy.upstream.protocol import ConnectionState
+from fastproxy.upstream.bybit_protocol import ConnectionState
 from tests.conftest import free_port
 from tests.proxyutil import (
     client,

@@ -18,8 +18,8 @@ from fastproxy.sim.feeds import MAX_TRADES_PER_FRAME, BookFeed, KlineFeed, Ticke
 from fastproxy.sim.instruments import DEFAULT_LINEAR_SYMBOLS, Catalog, fmt_fixed, trim
 from fastproxy.sim.jsonenc import go_dumps
 from fastproxy.sim.market import Instrument, ModelParams, candle_bounds
-from fastproxy.sim.protocol import ConnIdFactory, ProtocolOptions, SessionProtocol
 from fastproxy.sim.rest import instruments_info
+from fastproxy.sim.session import ConnIdFactory, ProtocolOptions, SessionProtocol
 from fastproxy.sim.topics import parse_topic
 
 NOW = 1_786_659_827_683  # 2026-08-13, the date of the reference ticker capture

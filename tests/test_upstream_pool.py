@@ -38,15 +38,18 @@ MIXED = [
 
 
 class Recorder:
-    """Collects the pool's callbacks in order."""
+    """Collects the pool's callbacks in order. A frame's `generation` is 1 + the resets its
+    topic had before it: data after a reconnect has a higher one than data before."""
 
     def __init__(self) -> None:
+        self.generations: dict[str, int] = {}
         self.events: list[tuple[str, str, Any]] = []
         self.frames: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.failed: list[tuple[str, str]] = []
         self.resets: list[str] = []
 
-    def on_data(self, topic: str, frame: dict[str, Any], generation: int) -> None:
+    def on_data(self, topic: str, frame: dict[str, Any]) -> None:
+        generation = self.generations.get(topic, 1)
         self.frames.setdefault(topic, []).append((generation, frame))
         if len(self.frames[topic]) > 200:  # keep memory flat in long runs
             del self.frames[topic][:100]
@@ -59,6 +62,7 @@ class Recorder:
         self.events.append(("failed", topic, reason))
 
     def on_reset(self, topic: str) -> None:
+        self.generations[topic] = self.generations.get(topic, 1) + 1
         self.resets.append(topic)
         self.events.append(("reset", topic, None))
 
@@ -430,7 +434,7 @@ async def test_connection_budget_caps_attempts_in_a_storm() -> None:
 
 
 async def test_callback_exceptions_are_contained() -> None:
-    def broken(topic: str, frame: dict[str, Any], generation: int) -> None:
+    def broken(topic: str, frame: dict[str, Any]) -> None:
         raise RuntimeError("consumer bug")
 
     def broken_reset(topic: str) -> None:
@@ -616,7 +620,7 @@ def test_listener_parses_each_frame_once_and_routes_it() -> None:
     listener, pool, rec = listener_for(["tickers.BTCUSDT"])
     data = orjson.dumps({"topic": "tickers.BTCUSDT", "type": "snapshot", "data": {"a": "1"}})
     listener.on_ws_frame(None, frame(data))
-    assert rec.frames["tickers.BTCUSDT"] == [(7, orjson.loads(data))]
+    assert rec.frames["tickers.BTCUSDT"] == [(1, orjson.loads(data))]
     assert pool.topic_state("tickers.BTCUSDT") == "live" and pool.messages_in == 1
     listener.on_ws_frame(None, frame(b'{"topic":"tickers.ETHUSDT","data":{}}'))  # not ours
     listener.on_ws_frame(None, frame(b"not json"))

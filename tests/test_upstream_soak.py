@@ -46,14 +46,12 @@ class Counts:
     def __init__(self) -> None:
         self.frames: dict[str, int] = {}
         self.last_at: dict[str, float] = {}
-        self.generation: dict[str, int] = {}
         self.resets = 0
         self.failed: dict[str, str] = {}
 
-    def on_data(self, topic: str, frame: dict[str, Any], generation: int) -> None:
+    def on_data(self, topic: str, frame: dict[str, Any]) -> None:
         self.frames[topic] = self.frames.get(topic, 0) + 1
         self.last_at[topic] = time.monotonic()
-        self.generation[topic] = generation
 
     def on_failed(self, topic: str, reason: str) -> None:
         self.failed[topic] = reason
@@ -94,10 +92,6 @@ async def test_upstream_soak_with_faults() -> None:
                 return now - start
             assert now - start < timeout, f"not recovered {timeout} s after {what}"
             await asyncio.sleep(0.1)
-
-    async def later(delay: float, action: Callable[[], Any]) -> None:
-        await asyncio.sleep(delay)
-        action()
 
     def churn() -> None:
         pool.unsubscribe(GOOD[:6])

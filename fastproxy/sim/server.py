@@ -37,7 +37,7 @@ from fastproxy.sim.feeds import BookFeed, Feed, LiquidationFeed
 from fastproxy.sim.instruments import Catalog
 from fastproxy.sim.jsonenc import go_dumps
 from fastproxy.sim.market import ModelParams
-from fastproxy.sim.protocol import ConnIdFactory, ProtocolOptions, SessionProtocol
+from fastproxy.sim.session import ConnIdFactory, ProtocolOptions, SessionProtocol
 from fastproxy.sim.topics import TopicRef
 
 log = logging.getLogger("fastproxy.sim")

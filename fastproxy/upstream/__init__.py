@@ -1,7 +1,7 @@
 """Bybit V5 public WebSocket client side: the connection pool and the symbol catalogue.
 
-The protocol and placement logic (`protocol`, `plan`, `policy`) is sans-I/O; `connection` and
-`pool` are the asyncio/picows shell around it.
+The protocol and placement logic (`bybit_protocol`, `plan`, `policy`) is sans-I/O; `connection`
+and `pool` are the asyncio/picows shell around it.
 """
 
 from fastproxy.upstream.catalogue import SymbolCatalogue, default_rest_url

@@ -146,7 +146,6 @@ class SymbolCatalogue:
         self.timeout = timeout
         self._symbols: frozenset[str] | None = None
         self._task: asyncio.Task[None] | None = None
-        self.last_success: float | None = None  # wall clock, for /stats
         self._last_success_mono: float | None = None
         self.last_error: str | None = None
         self.fetches = 0
@@ -212,7 +211,6 @@ class SymbolCatalogue:
         if self._symbols is None or len(symbols) != len(self._symbols):
             log.info("symbol list loaded", extra={"symbols": len(symbols), "url": self.rest_url})
         self._symbols = frozenset(symbols)
-        self.last_success = time.time()
         self._last_success_mono = time.monotonic()
         self.last_error = None
         return True

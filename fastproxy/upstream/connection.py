@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from picows import WSCloseCode, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
+from fastproxy.upstream.bybit_protocol import ConnectionState
 from fastproxy.upstream.policy import Backoff, ConnectionBudget
-from fastproxy.upstream.protocol import ConnectionState
 from fastproxy.upstream.settings import UpstreamSettings
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class _Listener(WSListener):
                     pool.confirmed(state)
                 pool.messages_in += 1
                 try:
-                    pool.on_data(topic, msg, state.generation)
+                    pool.on_data(topic, msg)
                 except Exception:
                     pool.callback_failed("on_data", topic)
             return
@@ -134,7 +134,7 @@ class RunnerOwner(Protocol):
     rng: random.Random
     budget: ConnectionBudget
     stopping: bool
-    on_data: Callable[[str, dict, int], None]
+    on_data: Callable[[str, dict], None]
     messages_in: int
     bad_frames: int
     connect_attempts: int

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from fastproxy.upstream.protocol import ConnectionState, arg_cost
+from fastproxy.upstream.bybit_protocol import ConnectionState, arg_cost
 from fastproxy.upstream.settings import UpstreamSettings
 
 

@@ -15,15 +15,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fastproxy.upstream.bybit_protocol import WIRE_SUBSCRIBED, ConnectionState
 from fastproxy.upstream.connection import Runner
 from fastproxy.upstream.plan import PoolPlan
 from fastproxy.upstream.policy import ConnectionBudget
-from fastproxy.upstream.protocol import WIRE_SUBSCRIBED, ConnectionState
 from fastproxy.upstream.settings import UpstreamSettings
 
 log = logging.getLogger("fastproxy.upstream")
 
-DataCallback = Callable[[str, dict, int], None]
+DataCallback = Callable[[str, dict], None]
 FailedCallback = Callable[[str, str], None]
 ResetCallback = Callable[[str], None]
 # (topic, reason or None, since): a topic went stale (reason) or live again (None); `since` is

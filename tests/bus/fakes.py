@@ -101,6 +101,7 @@ class Recorder:
         self.got: dict[str, list[Message]] = {}
         self.resets: list[str] = []
         self.rejects: list[tuple[str, str]] = []
+        self.statuses: list[tuple[str, str | None, int]] = []
 
     def deliver(self, message: Message) -> None:
         self.got.setdefault(message.stream_id, []).append(message)
@@ -110,6 +111,9 @@ class Recorder:
 
     def reject(self, stream: Stream, reason: str) -> None:
         self.rejects.append((stream.stream_id, reason))
+
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        self.statuses.append((stream.stream_id, reason, since))
 
     def seqs(self, stream: Stream) -> list[int]:
         return [m.seq for m in self.got.get(stream.stream_id, [])]

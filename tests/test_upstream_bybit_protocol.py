@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fastproxy.upstream.protocol import (
+from fastproxy.upstream.bybit_protocol import (
     FAIL_ALREADY,
     FAIL_NOT_FOUND,
     FAIL_OTHER,

@@ -87,10 +87,12 @@ class TopicEntry:
         # After a failed batch the topic goes out alone: one bad neighbour cannot poison it again.
         self.solo = False
         self.tries = 0
-        self.req: Request | None = None
+        self.req: PendingRequest | None = None
 
 
-class Request:
+class PendingRequest:
+    """A subscribe or unsubscribe sent to the exchange, awaiting its reply."""
+
     __slots__ = ("op", "req_id", "sent_at", "topics")
 
     def __init__(self, req_id: str, op: str, topics: tuple[str, ...], sent_at: float) -> None:
@@ -126,7 +128,7 @@ class ConnectionState:
         self.open = False
         self.retired = False
         self.generation = 0
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, PendingRequest] = {}
         self._todo: dict[str, None] = {}  # topics whose wire state lags their desired state
         self._again: set[str] = set()  # subscribed topics to unsubscribe and subscribe anew
         self._seq = 0
@@ -285,7 +287,7 @@ class ConnectionState:
     def _request(self, op: str, entries: list[TopicEntry], now: float) -> bytes:
         req_id = self._next_id(op[0])
         topics = tuple(e.topic for e in entries)
-        request = Request(req_id, op, topics, now)
+        request = PendingRequest(req_id, op, topics, now)
         wire = WIRE_SUBSCRIBING if op == "subscribe" else WIRE_UNSUBSCRIBING
         for entry in entries:
             entry.wire = wire
@@ -363,7 +365,9 @@ class ConnectionState:
             request, msg.get("success") is True, ret_msg if isinstance(ret_msg, str) else "", now
         )
 
-    def _reply(self, request: Request, ok: bool, ret_msg: str, now: float) -> list[tuple[str, str]]:
+    def _reply(
+        self, request: PendingRequest, ok: bool, ret_msg: str, now: float
+    ) -> list[tuple[str, str]]:
         entries = []
         for topic in request.topics:
             entry = self.topics.get(topic)
