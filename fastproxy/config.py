@@ -172,6 +172,13 @@ SETTINGS: tuple[Setting, ...] = (
         "bytes unread by a client: closed with 4008 at once",
     ),
     Setting(
+        "COMPRESSION",
+        _bool,
+        "on",
+        "permessage-deflate for clients that offer it (on or off); each message is compressed "
+        "once and the same bytes go to every such client",
+    ),
+    Setting(
         "UNSUBSCRIBE_LINGER",
         _seconds(allow_zero=True),
         "5",
@@ -222,6 +229,7 @@ class Config:
     fanout_callback_timeout: float = 5.0
     write_buffer_soft_limit: int = 262144
     write_buffer_hard_limit: int = 4194304
+    compression: bool = True
     unsubscribe_linger: float = 5.0
     upstream_down_threshold: float = 30.0
     bybit_ws_url: str = BYBIT_MAINNET_WS

@@ -8,6 +8,10 @@ The hub also keeps, per stream, the last Message it delivered: a new subscriber'
 that Message marked `"type":"snapshot"` (every Message carries the stream's complete current
 state: the merged ticker, the current candle, the latest trades), so a late joiner gets seq N and
 the next live Message is N+1, with no gap and no duplicate on any node.
+
+Clients that negotiated permessage-deflate are kept in sets of their own: a stream one of them
+holds has each Message compressed once (the last-value cache builds and keeps the frame), and
+that one compressed frame goes to all of them. Streams no such client holds are never compressed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Subscriber(Protocol):
 
     out: list[bytes]  # frames due for this client, flushed once per tick
     streams: set[Stream]
+    deflate: bool  # gets the shared compressed frames (permessage-deflate was agreed)
 
     def flush(self) -> None: ...
 
@@ -45,7 +50,8 @@ class Hub:
         self._bus = bus
         self._linger = linger
         self._loop = loop
-        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers
+        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers, plain
+        self._zsubs: dict[str, set[Subscriber]] = {}  # stream_id -> those getting deflate frames
         self._streams: dict[str, Stream] = {}  # stream_id -> Stream, for streams held here
         self._values = LastValues()  # the last delivered Message of each stream held here
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
@@ -61,35 +67,39 @@ class Hub:
         """Add streams to a session; each gets the current snapshot queued at once."""
         for stream in streams:
             sid = stream.stream_id
-            subs = self._subs.get(sid)
-            if subs is None:
-                subs = self._subs[sid] = set()
+            if sid not in self._streams:
+                self._subs[sid] = set()
+                self._zsubs[sid] = set()
                 self._streams[sid] = stream
                 self._bus.acquire(stream)
             else:
                 timer = self._release_timers.pop(sid, None)
                 if timer is not None:
                     timer.cancel()
-            subs.add(session)
+            (self._zsubs if session.deflate else self._subs)[sid].add(session)
             session.streams.add(stream)
-            snapshot = self.snapshot(sid)
-            if snapshot is not None:
-                self.send(session, snapshot.frame)
+            frame = self._values.snapshot_frame(sid, session.deflate)
+            if frame is not None:
+                self.send(session, frame)
 
     def unsubscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
         for stream in streams:
             session.streams.discard(stream)
-            subs = self._subs.get(stream.stream_id)
+            sid = stream.stream_id
+            subs = (self._zsubs if session.deflate else self._subs).get(sid)
             if subs is None:
                 continue
             subs.discard(session)
-            if not subs:
+            if not self._held(sid):
                 self._schedule_release(stream)
 
     def drop(self, session: Subscriber) -> None:
         """The session is gone: forget everything it held."""
         self.unsubscribe(session, list(session.streams))
         session.out.clear()
+
+    def _held(self, sid: str) -> bool:
+        return bool(self._subs.get(sid)) or bool(self._zsubs.get(sid))
 
     def _schedule_release(self, stream: Stream) -> None:
         sid = stream.stream_id
@@ -104,9 +114,10 @@ class Hub:
     def _release(self, stream: Stream) -> None:
         sid = stream.stream_id
         self._release_timers.pop(sid, None)
-        if self._subs.get(sid):
+        if self._held(sid):
             return  # someone came back
         self._subs.pop(sid, None)
+        self._zsubs.pop(sid, None)
         self._streams.pop(sid, None)
         self._values.forget(sid)
         self.releases += 1
@@ -129,10 +140,19 @@ class Hub:
         if subs is None:
             return  # not held here (any more)
         self.messages_in += 1
-        self._values.put(message)
-        if not subs:
+        values = self._values
+        values.put(message)
+        zsubs = self._zsubs[sid]
+        if subs:
+            self._fan_out(message.frame, subs)
+        if zsubs:
+            self._fan_out(values.deflated(sid), zsubs)  # type: ignore[arg-type]
+        elif not subs:
             return
-        frame = message.frame
+        if not self._flush_scheduled:
+            self._schedule_flush()
+
+    def _fan_out(self, frame: bytes, subs: set[Subscriber]) -> None:
         dirty = self._dirty
         for session in subs:
             out = session.out
@@ -140,8 +160,6 @@ class Hub:
                 dirty.append(session)
             out.append(frame)
         self.deliveries += len(subs)
-        if not self._flush_scheduled:
-            self._schedule_flush()
 
     def send(self, session: Subscriber, frame: bytes) -> None:
         """Queue one frame for one session behind what is already due for it."""
@@ -176,6 +194,7 @@ class Hub:
         """The exchange refused the stream: tell every local holder and drop it."""
         sid = stream.stream_id
         subs = self._subs.pop(sid, None) or set()
+        subs |= self._zsubs.pop(sid, None) or set()
         self._streams.pop(sid, None)
         self._values.forget(sid)
         timer = self._release_timers.pop(sid, None)
@@ -205,10 +224,13 @@ class Hub:
     def stats(self) -> dict[str, Any]:
         by_kind = dict.fromkeys(KINDS, 0)
         streams_by_kind = dict.fromkeys(KINDS, 0)
+        deflated = 0
         for sid, subs in self._subs.items():
             kind = self._streams[sid].kind
-            by_kind[kind] += len(subs)
+            zsubs = len(self._zsubs.get(sid, ()))
+            by_kind[kind] += len(subs) + zsubs
             streams_by_kind[kind] += 1
+            deflated += zsubs
         return {
             "streams": len(self._subs),
             "streams_by_kind": streams_by_kind,
@@ -218,4 +240,7 @@ class Hub:
             "messages_in": self.messages_in,
             "deliveries": self.deliveries,
             "releases": self.releases,
+            "subscriptions_deflate": deflated,
+            # compressed frames built: one per message of a stream a deflate client holds
+            "deflated_frames": self._values.deflater.frames,
         }

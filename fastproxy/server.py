@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from picows import (
 )
 
 from fastproxy.config import Config
-from fastproxy.handshake import check_upgrade, serve_ws
+from fastproxy.handshake import DeflateAgreement, check_upgrade, negotiate_deflate, serve_ws
 from fastproxy.hub import Hub
 from fastproxy.logs import ThrottledLog
 from fastproxy.protocol import (
@@ -57,6 +58,7 @@ from fastproxy.protocol import (
     unsubscribe_reply,
 )
 from fastproxy.streams import Stream
+from fastproxy.wire import InflateError, inflate
 
 log = logging.getLogger("fastproxy.server")
 
@@ -87,8 +89,12 @@ class ClientSession(WSListener):
         "assembler",
         "budget",
         "closed",
+        "compressed",
         "connected_at",
+        "deflate",
         "guard",
+        "inflater",
+        "keeps_context",
         "last_ping",
         "last_seen",
         "out",
@@ -100,10 +106,20 @@ class ClientSession(WSListener):
         "transport",
     )
 
-    def __init__(self, server: ProxyServer, peer: str) -> None:
+    def __init__(
+        self, server: ProxyServer, peer: str, deflate: DeflateAgreement | None = None
+    ) -> None:
         super().__init__()
         self.server = server
         self.peer = peer
+        # permessage-deflate agreed: the hub gives this client the shared compressed frames.
+        self.deflate = deflate is not None
+        # A client that keeps its compression context from message to message needs an
+        # inflater of its own (made on its first compressed message: most never send one);
+        # the others' messages inflate alone.
+        self.keeps_context = deflate is not None and not deflate.client_no_context_takeover
+        self.inflater: Any = None
+        self.compressed = False  # the fragmented message in progress is compressed
         self.transport: WSTransport | None = None
         self.raw: Any = None  # the asyncio transport under picows, written to directly
         self.out: list[bytes] = []
@@ -150,8 +166,13 @@ class ClientSession(WSListener):
             transport.send_close(frame.get_close_code())
             transport.disconnect()
             return
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not self.deflate):
             self.violation(CLOSE_PROTOCOL_ERROR, "reserved bit set; no extension was negotiated")
+            return
+        compressed = frame.rsv1
+        if compressed and msg_type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            # RFC 7692 6: only the first frame of a data message may say it is compressed.
+            self.violation(CLOSE_PROTOCOL_ERROR, "RSV1 set on a control or continuation frame")
             return
         # Every frame counts, control frames too: answering a ping costs as much as a request.
         verdict = self.guard.check(now)
@@ -174,9 +195,18 @@ class ClientSession(WSListener):
             except ProtocolViolation as exc:
                 self.violation(exc.code, exc.reason)
                 return
+            if msg_type != WSMsgType.CONTINUATION:
+                self.compressed = compressed
             if message is None:
                 return
             msg_type, payload = message
+            compressed = self.compressed
+        if compressed:
+            try:
+                payload = self._inflate(payload)
+            except InflateError as exc:
+                self.violation(CLOSE_TOO_BIG if exc.too_big else CLOSE_PROTOCOL_ERROR, exc.reason)
+                return
         if msg_type == WSMsgType.BINARY:
             self.reply(error_reply(INVALID_JSON, "Binary frames are not supported; send JSON text"))
             return
@@ -187,6 +217,12 @@ class ClientSession(WSListener):
         except Exception:
             self.server.bug_log.exception("request failed", extra={"peer": self.peer})
             self.reply(error_reply(INTERNAL_ERROR, "Internal error"))
+
+    def _inflate(self, payload: bytes) -> bytes:
+        inflater = self.inflater
+        if inflater is None and self.keeps_context:
+            inflater = self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        return inflate(payload, MAX_FRAME_SIZE, inflater)
 
     def _refuse(self, verdict: int) -> None:
         """A frame over the rate limit: dropped unanswered, a fragmented message with it."""
@@ -379,7 +415,17 @@ class ProxyServer:
             ):
                 request.headers["Connection"] = "Upgrade"
             peer = request.headers.get("x-forwarded-for", "")
-            return ClientSession(self, peer)
+            agreement = None
+            if self.config.compression:
+                offers = request.headers.getall("sec-websocket-extensions", ())
+                agreement = negotiate_deflate(", ".join(offers)) if offers else None
+            session = ClientSession(self, peer, agreement)
+            if agreement is None:
+                return session
+            response = WSUpgradeResponse.create_101_response(
+                {"Sec-WebSocket-Extensions": agreement.header}
+            )
+            return WSUpgradeResponseWithListener(response, session)
         if path == b"/":
             return _http(
                 200,
