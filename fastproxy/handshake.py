@@ -92,6 +92,7 @@ def check_upgrade(headers: Mapping[str, str]) -> Refusal | None:
 
 
 PERMESSAGE_DEFLATE = "permessage-deflate"
+DEFLATE_ANSWER = f"{PERMESSAGE_DEFLATE}; server_no_context_takeover; client_no_context_takeover"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +100,6 @@ class DeflateAgreement:
     """permessage-deflate as agreed with one client (RFC 7692)."""
 
     header: str  # the Sec-WebSocket-Extensions value of our 101
-    # The client compresses each message on its own: its messages inflate with no state kept.
-    client_no_context_takeover: bool
 
 
 def _offer_params(offer: str) -> tuple[str, dict[str, str | None]] | None:
@@ -120,7 +119,9 @@ def negotiate_deflate(offers: str) -> DeflateAgreement | None:
     """Our answer to a client's Sec-WebSocket-Extensions offers, or None to decline them all.
 
     We always compress with no context takeover (one compressed frame serves every client), so
-    we answer `server_no_context_takeover` whether or not it was asked for. An offer we cannot
+    we answer `server_no_context_takeover` whether or not it was asked for; and we always ask
+    the client for `client_no_context_takeover` (RFC 7692 7.1.1.2 lets a server), so a client's
+    messages inflate alone and no client costs us an inflater's 32 KiB window. An offer we cannot
     honour (a server window under 15 bits: our shared frames are made with 15; an unknown or
     malformed parameter) is skipped for the client's next one, as RFC 7692 section 5 says.
     """
@@ -147,13 +148,9 @@ def negotiate_deflate(offers: str) -> DeflateAgreement | None:
             client_bits.isdigit() and 8 <= int(client_bits) <= 15 and client_bits[0] != "0"
         ):
             continue
-        answer = [PERMESSAGE_DEFLATE, "server_no_context_takeover"]
-        client_no_context = "client_no_context_takeover" in params
-        if client_no_context:
-            answer.append("client_no_context_takeover")
-        # client_max_window_bits without a value only says the client could honour a limit;
-        # we set none, so its window stays 15 bits and our inflater takes any.
-        return DeflateAgreement("; ".join(answer), client_no_context)
+        # client_max_window_bits only says the client could honour a limit; we set none: our
+        # inflater takes any window.
+        return DeflateAgreement(DEFLATE_ANSWER)
     return None
 
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -93,8 +92,6 @@ class ClientSession(WSListener):
         "connected_at",
         "deflate",
         "guard",
-        "inflater",
-        "keeps_context",
         "last_ping",
         "last_seen",
         "out",
@@ -114,11 +111,6 @@ class ClientSession(WSListener):
         self.peer = peer
         # permessage-deflate agreed: the hub gives this client the shared compressed frames.
         self.deflate = deflate is not None
-        # A client that keeps its compression context from message to message needs an
-        # inflater of its own (made on its first compressed message: most never send one);
-        # the others' messages inflate alone.
-        self.keeps_context = deflate is not None and not deflate.client_no_context_takeover
-        self.inflater: Any = None
         self.compressed = False  # the fragmented message in progress is compressed
         self.transport: WSTransport | None = None
         self.raw: Any = None  # the asyncio transport under picows, written to directly
@@ -203,7 +195,8 @@ class ClientSession(WSListener):
             compressed = self.compressed
         if compressed:
             try:
-                payload = self._inflate(payload)
+                # client_no_context_takeover was agreed: each message inflates alone.
+                payload = inflate(payload, MAX_FRAME_SIZE)
             except InflateError as exc:
                 self.violation(CLOSE_TOO_BIG if exc.too_big else CLOSE_PROTOCOL_ERROR, exc.reason)
                 return
@@ -217,12 +210,6 @@ class ClientSession(WSListener):
         except Exception:
             self.server.bug_log.exception("request failed", extra={"peer": self.peer})
             self.reply(error_reply(INTERNAL_ERROR, "Internal error"))
-
-    def _inflate(self, payload: bytes) -> bytes:
-        inflater = self.inflater
-        if inflater is None and self.keeps_context:
-            inflater = self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        return inflate(payload, MAX_FRAME_SIZE, inflater)
 
     def _refuse(self, verdict: int) -> None:
         """A frame over the rate limit: dropped unanswered, a fragmented message with it."""

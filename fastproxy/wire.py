@@ -138,11 +138,9 @@ class InflateError(ValueError):
         self.too_big = too_big
 
 
-def inflate(data: bytes, max_size: int, inflater: zlib._Decompress | None = None) -> bytes:
-    """A client's compressed message, inflated. `inflater` is that client's own when it keeps
-    its compression context from message to message; None inflates this message alone."""
-    if inflater is None:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+def inflate(data: bytes, max_size: int) -> bytes:
+    """A client's compressed message (sent with no context takeover), inflated on its own."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
         payload = inflater.decompress(data + _DEFLATE_TAIL, max_size + 1)
     except zlib.error as exc:

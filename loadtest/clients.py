@@ -1,4 +1,6 @@
-"""The fan-out benchmark's client side: one process holding many picows connections.
+"""The fan-out benchmark's client side: one process holding many picows connections (or, with
+`client="websockets"`, many `websockets` connections, which offer permessage-deflate unless
+told not to: the compression scenario's clients).
 
 Per message it does only what the numbers need: find `"timestamp":` and `"seq":` with
 bytes.rfind (no JSON parse), check seq is +1 on the stream, and count the delivery latency
@@ -55,6 +57,8 @@ class WorkerSpec:
     concurrency: int = 100
     ready_timeout: float = 60.0
     read_buffer: int = 4096
+    client: str = "picows"  # or "websockets"
+    compression: bool = True  # websockets clients: offer permessage-deflate
 
 
 class Tally:
@@ -125,6 +129,9 @@ class Probe(WSListener):
             elif msg_type == _CLOSE:
                 transport.disconnect()
             return
+        self.data(payload)
+
+    def data(self, payload: bytes) -> None:
         seq = int(payload[payload.rfind(_SEQ) + 7 : -1])
         sid = payload[11 : payload.index(b'"', 11)]
         tally = self.tally
@@ -173,6 +180,70 @@ class Probe(WSListener):
             self.tally.disconnects += 1
 
 
+class WebsocketsProbe:
+    """The same counting over a `websockets` connection (the library inflates for us)."""
+
+    __slots__ = ("last", "request", "spans", "started", "tally", "task", "ws")
+
+    data = Probe.data
+    _control = Probe._control
+
+    def __init__(self, tally: Tally, request: bytes, started: float) -> None:
+        self.tally = tally
+        self.request = request
+        self.started = started
+        self.last: dict[bytes, int] = {}
+        self.spans = not tally.connected
+        self.ws: Any = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.ws is not None and self.task is not None and not self.task.done()
+
+    async def run(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for raw in self.ws:
+                payload = raw if isinstance(raw, bytes) else raw.encode()
+                if payload.startswith(_DATA):
+                    self.data(payload)
+                else:
+                    self._control(payload)
+        except ConnectionClosed:
+            pass
+        if not self.tally.closing:
+            self.tally.disconnects += 1
+
+
+async def _connect_websockets(
+    spec: WorkerSpec, tally: Tally, request: bytes, probes: list[Any]
+) -> None:
+    from websockets.asyncio.client import connect
+
+    started = time.perf_counter()
+    probe = WebsocketsProbe(tally, request, started)
+    try:
+        probe.ws = await connect(
+            spec.url,
+            compression="deflate" if spec.compression else None,
+            open_timeout=30,
+            ping_interval=None,
+            max_size=None,
+            max_queue=None,
+        )
+    except Exception as exc:
+        tally.failed += 1
+        if len(tally.errors) < 20:
+            tally.errors.append(f"connect: {type(exc).__name__}: {exc}")
+        return
+    tally.connected += 1
+    await probe.ws.send(request.decode())
+    probe.task = asyncio.get_running_loop().create_task(probe.run())
+    probes.append(probe)
+
+
 async def _connect(spec: WorkerSpec, tally: Tally, request: bytes, probes: list[Probe]) -> None:
     started = time.perf_counter()
     try:
@@ -195,9 +266,10 @@ async def _connect(spec: WorkerSpec, tally: Tally, request: bytes, probes: list[
     probes.append(probe)
 
 
-async def _connect_all(spec: WorkerSpec, tally: Tally, probes: list[Probe]) -> None:
+async def _connect_all(spec: WorkerSpec, tally: Tally, probes: list[Any]) -> None:
     loop = asyncio.get_running_loop()
     request = orjson.dumps({"op": "subscribe", "args": spec.streams})
+    connect = _connect_websockets if spec.client == "websockets" else _connect
     tasks: list[asyncio.Task[None]] = []
     if spec.connect_rate > 0:
         start = loop.time()
@@ -205,13 +277,13 @@ async def _connect_all(spec: WorkerSpec, tally: Tally, probes: list[Probe]) -> N
             delay = start + n / spec.connect_rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(loop.create_task(_connect(spec, tally, request, probes)))
+            tasks.append(loop.create_task(connect(spec, tally, request, probes)))
     else:
         gate = asyncio.Semaphore(spec.concurrency)
 
         async def gated() -> None:
             async with gate:
-                await _connect(spec, tally, request, probes)
+                await connect(spec, tally, request, probes)
 
         tasks = [loop.create_task(gated()) for _ in range(spec.clients)]
     await asyncio.gather(*tasks)
@@ -225,7 +297,7 @@ async def _recv(conn: Connection) -> Any:
 async def run_worker(conn: Connection, spec: WorkerSpec) -> None:
     loop = asyncio.get_running_loop()
     tally = Tally(len(spec.streams))
-    probes: list[Probe] = []
+    probes: list[Any] = []
     await _connect_all(spec, tally, probes)
     deadline = loop.time() + spec.ready_timeout
     while tally.subscribed + tally.failed < spec.clients and loop.time() < deadline:
@@ -255,18 +327,29 @@ async def run_worker(conn: Connection, spec: WorkerSpec) -> None:
             "lost": tally.lost,
             "dup": tally.dup,
             "disconnects": tally.disconnects,
-            "connected_at_end": sum(
-                1 for p in probes if p.transport is not None and not p.transport.is_disconnected
-            ),
+            "connected_at_end": sum(1 for p in probes if _connected(p)),
             "spans": {k.decode(): v for k, v in tally.spans.items()},
             "errors": tally.errors,
         }
     )
+    closing = []
     for probe in probes:
-        if probe.transport is not None:
+        if isinstance(probe, WebsocketsProbe):
+            if probe.task is not None:
+                probe.task.cancel()
+            closing.append(asyncio.wait_for(probe.ws.close(), 2.0))
+        elif probe.transport is not None:
             with contextlib.suppress(Exception):
                 probe.transport.disconnect()
+    if closing:
+        await asyncio.gather(*closing, return_exceptions=True)
     await asyncio.sleep(0.2)
+
+
+def _connected(probe: Any) -> bool:
+    if isinstance(probe, WebsocketsProbe):
+        return probe.connected
+    return probe.transport is not None and not probe.transport.is_disconnected
 
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:

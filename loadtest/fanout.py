@@ -1,17 +1,21 @@
-"""The fan-out benchmark: the proxy against two baselines, same scenario, same machine, same run.
+"""The fan-out benchmark: the proxy against baselines, same scenario, same machine, same run.
 
     python -m loadtest.fanout --scenario S1 S2 --repeat 3
     python -m loadtest.fanout --scenario sweep --chart docs/perf.png
 
-For each scenario and target (`proxy`, `relay`: the bare uvloop floor in relay.py, `websockets`:
-the usual way, in ws_baseline.py) it starts the Bybit simulator and the target as subprocesses,
-connects the scenario's clients from a few picows worker processes (clients.py), waits until
-every client has its first message on every stream, lets it run a short warm-up, and then
-measures a fixed window: deliveries/s, latency now - timestamp (p50/p90/p99/max), lost
-messages (seq gaps), disconnects and drops, the target's CPU seconds per delivery (utime+stime
-from /proc/<pid>/stat) and its RSS per connection beyond the idle process. Targets take turns
-within each repeat so background noise falls on all of them alike; the summary takes medians.
-Results go to JSON and, with matplotlib installed, a PNG of latency and throughput against load.
+For each scenario and target (`proxy`; `proxy-uncompressed`, the proxy with COMPRESSION=off;
+`relay`: the bare uvloop relay in relay.py; `crelay`: the syscall floor, a C relay doing one
+write per delivery in crelay.c, built here with `cc`; `websockets`: the usual way, in
+ws_baseline.py) it starts the Bybit simulator and the target as subprocesses, connects the
+scenario's clients from a few worker processes (clients.py: picows, or `websockets` for the
+compression scenario), waits until every client has its first message on every stream, lets it
+run a short warm-up, and then measures a fixed window: deliveries/s, latency now - timestamp
+(p50/p90/p99/max), lost messages (seq gaps), disconnects and drops, the target's CPU seconds
+per delivery (utime+stime from /proc/<pid>/stat, and each apart), its write calls and bytes
+written per delivery (/proc/<pid>/io) and its RSS per connection beyond the idle process.
+Targets take turns within each repeat so background noise falls on all of them alike; the
+summary takes medians. Results go to JSON and, with matplotlib installed, a PNG of latency and
+throughput against load.
 
 Every process it starts is stopped before it returns; all traffic stays on 127.0.0.1.
 """
@@ -39,8 +43,9 @@ from typing import Any
 
 from loadtest.clients import HIST_BINS, WorkerSpec, bin_upper_ms, worker_main
 
-TARGETS = ("proxy", "relay", "websockets", "websockets-uvloop")
-DEFAULT_TARGETS = ("proxy", "relay", "websockets")
+# proxy-uncompressed: the proxy with COMPRESSION=off, the compression scenario's baseline
+TARGETS = ("proxy", "proxy-uncompressed", "relay", "crelay", "websockets", "websockets-uvloop")
+DEFAULT_TARGETS = ("proxy", "relay", "crelay", "websockets")
 # The simulator's default linear list; the first N serve an N-stream scenario.
 SYMBOLS = [
     "BTCUSDT",
@@ -78,6 +83,7 @@ class Scenario:
     warmup: float = 2.0
     connect_rate: float = 0.0  # total connects a second; 0: as fast as they complete
     workers: int = 2
+    client: str = "picows"  # the load clients; "websockets" offers permessage-deflate
     note: str = ""
 
     @property
@@ -100,6 +106,16 @@ SCENARIOS: dict[str, list[Scenario]] = {
             note="connect storm: 5,000 clients in 5 s, one ticker at 10/s",
         )
     ],
+    "S7": [
+        Scenario(
+            "S7",
+            200,
+            1,
+            50.0,
+            client="websockets",
+            note="compression: 200 websockets clients (offering deflate), one ticker at 50/s",
+        )
+    ],
     "smoke": [Scenario("smoke", 20, 2, 20.0, duration=3.0, warmup=0.5, workers=1)],
     # Load against latency and throughput: 1000 clients on 1..20 tickers at 10/s.
     "sweep": [
@@ -112,10 +128,46 @@ GOALS = {
     "S2": "nothing lost, p99 <= 50 ms",
     "S3": "all connected, nothing lost, RSS/connection <= 10 KiB",
     "S4": "all connected and subscribed, p99 connect-to-snapshot <= 1 s",
+    "S7": "bytes/delivery <= 0.65x proxy-uncompressed at <= 1.3x its CPU/delivery",
 }
 
 
 # -- processes -------------------------------------------------------------------------------
+
+
+_CRELAY: dict[str, str] = {}
+
+
+def crelay_binary() -> str:
+    """loadtest/crelay.c compiled once per harness process into a temporary directory."""
+    if "path" not in _CRELAY:
+        import atexit
+        import shutil
+        import tempfile
+
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("the crelay target needs a C compiler (cc)")
+        tmp = tempfile.mkdtemp(prefix="crelay-")
+        atexit.register(shutil.rmtree, tmp, True)
+        binary = os.path.join(tmp, "crelay")
+        source = Path(__file__).with_name("crelay.c")
+        subprocess.run([cc, "-O2", "-o", binary, str(source)], check=True)
+        _CRELAY["path"] = binary
+    return _CRELAY["path"]
+
+
+def _crelay_options(target: str) -> list[str]:
+    """`crelay-gap3000` spins 3000 ns between writes, `crelay-touch64` touches 64 KiB."""
+    options = []
+    for part in target.split("-")[1:]:
+        if part.startswith("gap") and part[3:].isdigit():
+            options += ["--gap-ns", part[3:]]
+        elif part.startswith("touch") and part[5:].isdigit():
+            options += ["--touch-kib", part[5:]]
+        else:
+            raise ValueError(f"unknown crelay option {part!r} (gapNS, touchKIB)")
+    return options
 
 
 def free_port() -> int:
@@ -129,6 +181,22 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, s: user space and kernel apart."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def io_counts(pid: int) -> dict[str, int]:
+    """/proc/<pid>/io: syscw (write-family syscalls) and wchar (bytes they were given)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return {k: int(v) for k, v in (line.split(": ") for line in f)}
+    except OSError:  # another user's process, or no task I/O accounting
+        return {}
 
 
 def rss_kib(pid: int) -> int:
@@ -233,8 +301,13 @@ class Stack:
             argv = [py, "-m", "fastproxy", "--host", "127.0.0.1", "--port", str(self.port)]
             argv += ["--bybit-ws-url", upstream, "--bybit-rest-url", f"http://127.0.0.1:{sim_port}"]
             argv += ["--max-clients-total", str(scenario.clients + 1000), "--log-format", "text"]
+            if self.target.partition("=")[0] == "proxy-uncompressed":
+                argv += ["--compression", "off"]
         elif self.target == "relay":
             argv = [py, "-m", "loadtest.relay", *common, "--symbols", symbols]
+        elif self.target.startswith("crelay"):
+            argv = [crelay_binary(), "--port", str(self.port), "--upstream-port", str(sim_port)]
+            argv += ["--symbols", symbols, *_crelay_options(self.target)]
         elif self.target in ("websockets", "websockets-uvloop"):
             argv = [py, "-m", "loadtest.ws_baseline", *common, "--symbols", symbols]
             argv += ["--loop", "uvloop" if self.target.endswith("uvloop") else "asyncio"]
@@ -303,7 +376,24 @@ def _py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] |
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False) -> dict[str, Any]:
+def _perf_record(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:
+    """`perf record` of the target (kernel and user, call graphs) during the window."""
+    import shutil
+
+    exe = shutil.which("perf")
+    if exe is None:
+        print(
+            "perf is not installed: no kernel profile (apt-get install linux-perf)", file=sys.stderr
+        )
+        return None
+    argv = [exe, "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid)]
+    argv += ["-o", str(output), "--", "sleep", str(int(seconds))]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_once(
+    scenario: Scenario, target: str, logs: Path, profile: bool = False, perf: bool = False
+) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     label = target.partition("=")[0]
     result: dict[str, Any] = {
@@ -338,6 +428,7 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
                     streams=streams,
                     connect_rate=scenario.connect_rate / scenario.workers,
                     ready_timeout=ready_timeout,
+                    client=scenario.client,
                 )
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
@@ -361,13 +452,19 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
             pids = {"server": pid, "sim": stack.sim.pid}
             pids.update({f"client{i}": proc.pid for i, (proc, _) in enumerate(workers)})
             cpu0 = {name: cpu_seconds(p) for name, p in pids.items()}
+            split0, io0 = cpu_split(pid), io_counts(pid)
             spy = None
             if profile:
                 output = logs / f"{scenario.name}-{label}" / "py-spy.txt"
                 spy = _py_spy(pid, scenario.duration - 1, output)
                 result["profile"] = str(output)
+            elif perf:
+                output = logs / f"{scenario.name}-{label}" / "perf.data"
+                spy = _perf_record(pid, scenario.duration - 1, output)
+                result["perf"] = str(output)
             time.sleep(max(0.0, t1 - time.time()))
             cpu1 = {name: cpu_seconds(p) for name, p in pids.items()}
+            split1, io1 = cpu_split(pid), io_counts(pid)
             rss_end = rss_kib(pid)
             finals = [_recv(conn, 60) for _, conn in workers]
             if spy is not None:
@@ -392,6 +489,8 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
                 hist[i] += n
     count = sum(f["count"] for f in finals)
     server_cpu = cpu1["server"] - cpu0["server"]
+    writes = io1.get("syscw", 0) - io0.get("syscw", 0)
+    written = io1.get("wchar", 0) - io0.get("wchar", 0)
     spans = [hi - lo + 1 for f in finals for lo, hi in f["spans"].values()]
     result.update(
         {
@@ -411,6 +510,18 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
             "server_cpu_s": round(server_cpu, 2),
             "server_cpu_util": round(server_cpu / window, 3),
             "cpu_us_per_delivery": round(server_cpu / count * 1e6, 3) if count else None,
+            "user_us_per_delivery": round((split1[0] - split0[0]) / count * 1e6, 3)
+            if count
+            else None,
+            "kernel_us_per_delivery": round((split1[1] - split0[1]) / count * 1e6, 3)
+            if count
+            else None,
+            # write-family syscalls and the bytes they carried (the server's log lines too)
+            "writes_per_delivery": round(writes / count, 3) if count and io1 else None,
+            "bytes_per_delivery": round(written / count, 1) if count and io1 else None,
+            "kernel_us_per_write": round((split1[1] - split0[1]) / writes * 1e6, 3)
+            if writes
+            else None,
             "sim_cpu_util": round((cpu1["sim"] - cpu0["sim"]) / window, 3),
             "clients_cpu_util": round(
                 sum(cpu1[k] - cpu0[k] for k in cpu0 if k.startswith("client")) / window, 3
@@ -444,6 +555,11 @@ _MEDIAN_KEYS = (
     "deliveries_per_s",
     "upstream_rate",
     "cpu_us_per_delivery",
+    "user_us_per_delivery",
+    "kernel_us_per_delivery",
+    "writes_per_delivery",
+    "bytes_per_delivery",
+    "kernel_us_per_write",
     "server_cpu_util",
     "rss_per_conn_kib",
     "clients_cpu_util",
@@ -483,12 +599,16 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["target"] != "proxy" or not row["cpu_us_per_delivery"]:
             continue
-        for base in ("relay", "websockets", "websockets-uvloop"):
+        for base in ("relay", "crelay", "websockets", "websockets-uvloop", "proxy-uncompressed"):
             other = by_key.get((row["scenario"], base))
             if other and other["cpu_us_per_delivery"]:
                 row[f"cpu_vs_{base}"] = round(
                     row["cpu_us_per_delivery"] / other["cpu_us_per_delivery"], 2
                 )
+                if row.get("bytes_per_delivery") and other.get("bytes_per_delivery"):
+                    row[f"bytes_vs_{base}"] = round(
+                        row["bytes_per_delivery"] / other["bytes_per_delivery"], 3
+                    )
     return rows
 
 
@@ -496,7 +616,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'scenario':<9} {'target':<10} {'clients':>7} {'deliv/s':>8} {'p50':>6} {'p90':>6} "
         f"{'p99':>7} {'max':>7} {'lost':>5} {'disc':>5} {'CPU us/d':>8} {'core':>5} "
-        f"{'KiB/conn':>8} {'conn p99':>8} {'vs relay':>8} {'vs ws':>6}"
+        f"{'KiB/conn':>8} {'conn p99':>8} {'vs relay':>8} {'vs C':>6} {'vs ws':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -511,7 +631,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{num(r['latency_max_ms'], 7)} {r['lost']:>5} {r['disconnects']:>5} "
             f"{num(r['cpu_us_per_delivery'], 8, '.2f')} {num(r['server_cpu_util'], 5, '.2f')} "
             f"{num(r['rss_per_conn_kib'], 8)} {num(r['connect_p99_ms'], 8, '.0f')} "
-            f"{num(r.get('cpu_vs_relay'), 8, '.2f')} {num(r.get('cpu_vs_websockets'), 6, '.2f')}"
+            f"{num(r.get('cpu_vs_relay'), 8, '.2f')} {num(r.get('cpu_vs_crelay'), 6, '.2f')} "
+            f"{num(r.get('cpu_vs_websockets'), 6, '.2f')}"
         )
     return "\n".join(lines)
 
@@ -529,6 +650,7 @@ def draw_chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     colors = {
         "proxy": "tab:blue",
         "relay": "tab:green",
+        "crelay": "tab:grey",
         "websockets": "tab:red",
         "websockets-uvloop": "tab:orange",
     }
@@ -611,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the target during each window"
     )
+    parser.add_argument(
+        "--perf", action="store_true", help="perf record the target during each window"
+    )
     args = parser.parse_args(argv)
 
     names = ["S1", "S2", "S3", "S4"] if args.scenario == ["all"] else args.scenario
@@ -628,7 +753,12 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(scenario)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for target in targets:
-        if target not in TARGETS and not (target.startswith("proxy") and "=" in target):
+        if target.startswith("crelay-"):
+            try:
+                _crelay_options(target)
+            except ValueError as exc:
+                parser.error(str(exc))
+        elif target not in TARGETS and not (target.startswith("proxy") and "=" in target):
             parser.error(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     fd_limit = raise_fd_limit()
     if max(s.clients for s in scenarios) + 100 > fd_limit:
@@ -642,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             for target in targets:
                 print(f"[{scenario.name} {target} run {repeat + 1}/{args.repeat}]", flush=True)
                 try:
-                    result = run_once(scenario, target, logs, args.profile)
+                    result = run_once(scenario, target, logs, args.profile, args.perf)
                 except RuntimeError as exc:
                     print(f"  failed: {exc}", flush=True)
                     continue
