@@ -118,17 +118,8 @@ class App:
     def health(self) -> tuple[bool, dict[str, Any]]:
         assert self.feed is not None and self.bus is not None
         upstream = self.feed.pool.status()
-        bus = self.bus.status()
-        reasons = []
-        down_since = upstream.get("down_since")
-        if (
-            down_since is not None
-            and time.monotonic() - down_since > self.config.upstream_down_threshold
-        ):
-            reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
-        if not self.bus.healthy:
-            reasons.append("redis unreachable")
-        body: dict[str, Any] = {"upstream": upstream, "bus": bus}
+        reasons = health_reasons(self.config, upstream, self.bus)
+        body: dict[str, Any] = {"upstream": upstream, "bus": self.bus.status()}
         if reasons:
             body["reason"] = "; ".join(reasons)
         return not reasons, body
@@ -143,12 +134,7 @@ class App:
             "hub": hub,
             "pubsub": hub,  # the same figures under their first name, for existing readers
             "bus": self.bus.status(),
-            "feed": {
-                "streams": self.feed.stream_count,
-                "messages_out": self.feed.messages_out,
-                "codec_errors": self.feed.codec_errors,
-                "codec": IMPLEMENTATION,
-            },
+            "feed": feed_figures(self.feed),
             "catalogue": self.catalogue.status(),
         }
 
@@ -164,6 +150,26 @@ class App:
             await asyncio.wait_for(self.stop(), self.config.shutdown_timeout)
         except TimeoutError:
             log.warning("graceful stop took too long; exiting anyway")
+
+
+def feed_figures(feed: Feed) -> dict[str, Any]:
+    return {
+        "streams": feed.stream_count,
+        "messages_out": feed.messages_out,
+        "codec_errors": feed.codec_errors,
+        "codec": IMPLEMENTATION,
+    }
+
+
+def health_reasons(config: Config, upstream: dict[str, Any], bus: Bus) -> list[str]:
+    """Why the node is degraded (nothing: healthy), from its upstream pool and bus."""
+    reasons = []
+    down_since = upstream.get("down_since")
+    if down_since is not None and time.monotonic() - down_since > config.upstream_down_threshold:
+        reasons.append(f"upstream down for {time.monotonic() - down_since:.0f} s")
+    if not bus.healthy:
+        reasons.append("redis unreachable")
+    return reasons
 
 
 def run(config: Config) -> int:

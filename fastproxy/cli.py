@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastproxy: {exc}", file=sys.stderr)
         return 2
-    from fastproxy.app import run
-
+    if config.workers > 1:
+        from fastproxy.supervisor import run
+    else:
+        from fastproxy.app import run
     return run(config)
 
 

@@ -104,6 +104,27 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _workers(raw: str) -> int:
+    value = raw.strip().lower()
+    if value == "auto":
+        return usable_cpus()
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 1024:
+        raise ValueError("a whole number from 1 to 1024, or auto (one per usable CPU)")
+    return count
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -123,6 +144,12 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("HOST", _text, "0.0.0.0", "address to listen on"),
     Setting("PORT", _int_range(0, 65535), "8000", "port for WS /ws and the HTTP endpoints"),
+    Setting(
+        "WORKERS",
+        _workers,
+        "1",
+        "worker processes serving the port (auto: one per usable CPU); one feed for all",
+    ),
     Setting("REDIS_URL", _redis_url, "", "Redis for cluster mode; empty: one node, in-memory bus"),
     Setting("REDIS_MAX_CONNECTIONS", _int_range(1), "50", "Redis connection pool size"),
     Setting("DEBUG", _bool, "false", "debug logging"),
@@ -215,6 +242,7 @@ SETTINGS: tuple[Setting, ...] = (
 class Config:
     host: str = "0.0.0.0"
     port: int = 8000
+    workers: int = 1
     redis_url: str = ""
     redis_max_connections: int = 50
     debug: bool = False

@@ -105,6 +105,22 @@ class ProxyCollector(Collector):
         for key, help_text in _BUS_COUNTERS.items():
             if key in bus:
                 yield CounterMetricFamily(f"fastproxy_bus_{key}", help_text, value=bus[key])
+        if "workers" in s:  # --workers N: the supervisor's view
+            yield from _worker_metrics(s)
+
+
+def _worker_metrics(s: dict[str, Any]) -> Iterator[Any]:
+    node = s["node"]
+    yield GaugeMetricFamily("fastproxy_workers", "Worker processes alive", value=node["alive"])
+    yield CounterMetricFamily(
+        "fastproxy_worker_restarts", "Workers started again after dying", value=node["restarts"]
+    )
+    clients = GaugeMetricFamily(
+        "fastproxy_worker_clients", "Connected clients by worker", labels=["worker"]
+    )
+    for worker in s["workers"]:
+        clients.add_metric([str(worker["id"])], worker["connected"])
+    yield clients
 
 
 def metrics_renderer(snapshot: Callable[[], dict[str, Any]]) -> Callable[[], bytes]:

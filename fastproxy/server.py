@@ -301,6 +301,24 @@ class ClientSession(WSListener):
         asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.disconnect, False)
 
 
+class Seats:
+    """Connection slots under MAX_CLIENTS_TOTAL, counted in this process. With workers, the
+    supervisor hands each worker one that counts for the whole machine."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give(self) -> None:
+        self.taken -= 1
+
+
 class ProxyServer:
     """Owns the listening socket and every client session of this node."""
 
@@ -313,9 +331,11 @@ class ProxyServer:
         stats: Callable[[], dict[str, Any]] | None = None,
         metrics: Callable[[], bytes] | None = None,
         version: str = "",
+        seats: Seats | None = None,
     ) -> None:
         self.config = config
         self.hub = hub
+        self.seats = seats or Seats(config.max_clients_total)
         self.symbol_known = symbol_known
         self._health = health
         self._stats = stats
@@ -355,6 +375,8 @@ class ProxyServer:
             # connection and keeps it for the connection's life (~0.6 KiB each).
             logger_name=ThrottledLog(logging.getLogger("picows.server")),
             reuse_address=True,
+            # Workers each listen on the same port; the kernel spreads connections over them.
+            reuse_port=self.config.workers > 1,
             backlog=LISTEN_BACKLOG,
             # uvloop's own transport: aiofastnet's costs ~5 KiB more per connection.
             use_aiofastnet=False,
@@ -428,7 +450,7 @@ class ProxyServer:
         if path == b"/health":
             healthy, body = self._health() if self._health else (True, {})
             body = {"status": "healthy" if healthy else "degraded", **body}
-            body["connections"] = len(self.sessions)
+            body.setdefault("connections", len(self.sessions))
             return _http(200 if healthy else 503, body)
         if path == b"/ready":
             return _http(200 if self.ready else 503, {"ok": self.ready})
@@ -448,7 +470,7 @@ class ProxyServer:
         if self.draining:
             session.close(CLOSE_GOING_AWAY, "server shutting down")
             return
-        if len(self.sessions) >= self.config.max_clients_total:
+        if not self.seats.take():
             self.count_drop("connection_limit")
             session.close(CLOSE_CONNECTION_LIMIT, "connection limit reached")
             return
@@ -457,6 +479,7 @@ class ProxyServer:
     def forget(self, session: ClientSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            self.seats.give()
             self.hub.drop(session)
 
     def count_drop(self, reason: str) -> None:

@@ -43,8 +43,17 @@ from typing import Any
 
 from loadtest.clients import HIST_BINS, WorkerSpec, bin_upper_ms, worker_main
 
-# proxy-uncompressed: the proxy with COMPRESSION=off, the compression scenario's baseline
-TARGETS = ("proxy", "proxy-uncompressed", "relay", "crelay", "websockets", "websockets-uvloop")
+# proxy-uncompressed: the proxy with COMPRESSION=off, the compression scenario's baseline;
+# proxy-wN: the proxy with --workers N
+TARGETS = (
+    "proxy",
+    "proxy-w2",
+    "proxy-uncompressed",
+    "relay",
+    "crelay",
+    "websockets",
+    "websockets-uvloop",
+)
 DEFAULT_TARGETS = ("proxy", "relay", "crelay", "websockets")
 # The simulator's default linear list; the first N serve an N-stream scenario.
 SYMBOLS = [
@@ -117,6 +126,9 @@ SCENARIOS: dict[str, list[Scenario]] = {
         )
     ],
     "smoke": [Scenario("smoke", 20, 2, 20.0, duration=3.0, warmup=0.5, workers=1)],
+    # S1 with twice the clients: run it with --targets proxy,proxy-w2 (one process against a
+    # supervisor with two workers) to see what the second core takes and what the hop costs.
+    "W": [Scenario("W", 2000, 1, 40.0, duration=10.0, note="S1 doubled: 2000 clients")],
     # Load against latency and throughput: 1000 clients on 1..20 tickers at 10/s.
     "sweep": [
         Scenario(f"sweep-{n}", 1000, n, 10.0, duration=10.0, note=f"1000 clients x {n} tickers")
@@ -202,6 +214,56 @@ def io_counts(pid: int) -> dict[str, int]:
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/statm", "rb") as f:
         return int(f.read().split()[1]) * PAGE_KIB
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process under it (a proxy with workers is a supervisor and children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children", "rb") as f:
+                    todo += [int(child) for child in f.read().split()]
+    return found
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each process of the tree under `pid`."""
+    seconds = {}
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            seconds[member] = cpu_seconds(member)
+    return seconds
+
+
+def tree_split(pid: int) -> dict[int, tuple[float, float]]:
+    """(utime, stime) of each process of the tree under `pid`."""
+    split = {}
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            split[member] = cpu_split(member)
+    return split
+
+
+def tree_io(pid: int) -> dict[int, dict[str, int]]:
+    return {member: io_counts(member) for member in process_tree(pid)}
+
+
+def tree_rss_kib(pid: int) -> int:
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += rss_kib(member)
+    return total
+
+
+def proxy_workers(target: str) -> int:
+    """`proxy-wN` runs the proxy with `--workers N`; plain `proxy` is one process."""
+    label = target.partition("=")[0]
+    _, _, count = label.rpartition("-w")
+    return int(count) if label.startswith("proxy-w") and count.isdigit() else 1
 
 
 def raise_fd_limit() -> int:
@@ -301,6 +363,7 @@ class Stack:
             argv = [py, "-m", "fastproxy", "--host", "127.0.0.1", "--port", str(self.port)]
             argv += ["--bybit-ws-url", upstream, "--bybit-rest-url", f"http://127.0.0.1:{sim_port}"]
             argv += ["--max-clients-total", str(scenario.clients + 1000), "--log-format", "text"]
+            argv += ["--workers", str(proxy_workers(self.target))]
             if self.target.partition("=")[0] == "proxy-uncompressed":
                 argv += ["--compression", "off"]
         elif self.target == "relay":
@@ -411,7 +474,7 @@ def run_once(
         url = f"ws://127.0.0.1:{stack.port}/ws"
         time.sleep(0.5)
         pid = stack.server.pid
-        rss_idle = rss_kib(pid)
+        rss_idle = tree_rss_kib(pid)
         workers: list[tuple[Any, Connection]] = []
         per_worker = [
             scenario.clients // scenario.workers
@@ -442,7 +505,7 @@ def run_once(
             result["connect_to_snapshot_ms"] = _quantiles(
                 [ms for r in ready for ms in r["connect_ms"]]
             )
-            rss_loaded = rss_kib(pid)
+            rss_loaded = tree_rss_kib(pid)
             t0 = time.time() + scenario.warmup
             t1 = t0 + scenario.duration
             for _, conn in workers:
@@ -452,7 +515,7 @@ def run_once(
             pids = {"server": pid, "sim": stack.sim.pid}
             pids.update({f"client{i}": proc.pid for i, (proc, _) in enumerate(workers)})
             cpu0 = {name: cpu_seconds(p) for name, p in pids.items()}
-            split0, io0 = cpu_split(pid), io_counts(pid)
+            server0, split0, io0 = tree_cpu(pid), tree_split(pid), tree_io(pid)
             spy = None
             if profile:
                 output = logs / f"{scenario.name}-{label}" / "py-spy.txt"
@@ -464,8 +527,8 @@ def run_once(
                 result["perf"] = str(output)
             time.sleep(max(0.0, t1 - time.time()))
             cpu1 = {name: cpu_seconds(p) for name, p in pids.items()}
-            split1, io1 = cpu_split(pid), io_counts(pid)
-            rss_end = rss_kib(pid)
+            server1, split1, io1 = tree_cpu(pid), tree_split(pid), tree_io(pid)
+            rss_end = tree_rss_kib(pid)
             finals = [_recv(conn, 60) for _, conn in workers]
             if spy is not None:
                 spy.wait(30)
@@ -488,9 +551,12 @@ def run_once(
             if n:
                 hist[i] += n
     count = sum(f["count"] for f in finals)
-    server_cpu = cpu1["server"] - cpu0["server"]
-    writes = io1.get("syscw", 0) - io0.get("syscw", 0)
-    written = io1.get("wchar", 0) - io0.get("wchar", 0)
+    # the whole process tree: a proxy with workers is a supervisor, its workers and helpers
+    server_cpu = sum(server1[p] - server0[p] for p in server1 if p in server0)
+    user_s = sum(split1[p][0] - split0[p][0] for p in split1 if p in split0)
+    kernel_s = sum(split1[p][1] - split0[p][1] for p in split1 if p in split0)
+    writes = sum(io1[p].get("syscw", 0) - io0[p].get("syscw", 0) for p in io1 if p in io0)
+    written = sum(io1[p].get("wchar", 0) - io0[p].get("wchar", 0) for p in io1 if p in io0)
     spans = [hi - lo + 1 for f in finals for lo, hi in f["spans"].values()]
     result.update(
         {
@@ -509,19 +575,17 @@ def run_once(
             "connected_at_end": sum(f["connected_at_end"] for f in finals),
             "server_cpu_s": round(server_cpu, 2),
             "server_cpu_util": round(server_cpu / window, 3),
+            # the supervisor first, then its workers (one entry for a single-process server)
+            "server_cpu_util_by_process": [
+                round((server1[p] - server0[p]) / window, 3) for p in server1 if p in server0
+            ],
             "cpu_us_per_delivery": round(server_cpu / count * 1e6, 3) if count else None,
-            "user_us_per_delivery": round((split1[0] - split0[0]) / count * 1e6, 3)
-            if count
-            else None,
-            "kernel_us_per_delivery": round((split1[1] - split0[1]) / count * 1e6, 3)
-            if count
-            else None,
+            "user_us_per_delivery": round(user_s / count * 1e6, 3) if count else None,
+            "kernel_us_per_delivery": round(kernel_s / count * 1e6, 3) if count else None,
             # write-family syscalls and the bytes they carried (the server's log lines too)
-            "writes_per_delivery": round(writes / count, 3) if count and io1 else None,
-            "bytes_per_delivery": round(written / count, 1) if count and io1 else None,
-            "kernel_us_per_write": round((split1[1] - split0[1]) / writes * 1e6, 3)
-            if writes
-            else None,
+            "writes_per_delivery": round(writes / count, 3) if count and writes else None,
+            "bytes_per_delivery": round(written / count, 1) if count and writes else None,
+            "kernel_us_per_write": round(kernel_s / writes * 1e6, 3) if writes else None,
             "sim_cpu_util": round((cpu1["sim"] - cpu0["sim"]) / window, 3),
             "clients_cpu_util": round(
                 sum(cpu1[k] - cpu0[k] for k in cpu0 if k.startswith("client")) / window, 3
@@ -758,7 +822,9 @@ def main(argv: list[str] | None = None) -> int:
                 _crelay_options(target)
             except ValueError as exc:
                 parser.error(str(exc))
-        elif target not in TARGETS and not (target.startswith("proxy") and "=" in target):
+        elif target not in TARGETS and not (
+            target.startswith("proxy") and ("=" in target or proxy_workers(target) > 1)
+        ):
             parser.error(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     fd_limit = raise_fd_limit()
     if max(s.clients for s in scenarios) + 100 > fd_limit:

@@ -3,6 +3,8 @@ the node runs alone or in a cluster.
 
 Each engine runs with a fake feed (Messages made on demand, with any seq) and a recording hub.
 Adding an engine is one entry in ENGINES: a factory that yields a started bus on a FakeFeed.
+An engine may deliver asynchronously (the local one crosses a socket): `settle()` returns once
+what the feed made so far has reached the hub; for the others it returns at once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +28,16 @@ BTC = parse_stream_arg("ticker:BTCUSDT")
 ETH = parse_stream_arg("trade:ETHUSDT")
 
 
+async def _at_once() -> None:
+    return None
+
+
 @dataclass
 class Engine:
     bus: Bus
     feed: FakeFeed
     hub: Recorder
+    settle: Callable[[], Awaitable[None]] = _at_once
 
     async def until(self, predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -65,9 +72,29 @@ async def redis_engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
         await delete_prefix(base, prefix)
 
 
+@contextlib.asynccontextmanager
+async def local_engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+    """A worker's engine, and at the other end of its socket the feed process's local hub on
+    the memory engine, as `--workers N` runs them."""
+    import tempfile
+
+    from fastproxy.bus.local import LocalBus, LocalHub
+
+    feed = FakeFeed()
+    with tempfile.TemporaryDirectory(prefix="fastproxy-local-") as tmp:
+        local = LocalHub(MemoryBus(feed), os.path.join(tmp, "feed.sock"), linger=0)  # type: ignore[arg-type]
+        await local.start()
+        bus = LocalBus(local.path)
+        try:
+            yield Engine(bus, feed, Recorder(), bus.settled)
+        finally:
+            await local.stop()
+
+
 ENGINES: dict[str, Callable[[pytest.FixtureRequest], Any]] = {
     "memory": memory_engine,
     "redis": redis_engine,
+    "local": local_engine,
 }
 
 
@@ -97,6 +124,7 @@ async def test_acquire_delivers_a_snapshot_first_then_every_seq_once(engine: Eng
     await engine.owned(BTC.stream_id)
     for _ in range(4):
         engine.feed.tick()
+    await engine.settle()
     assert kinds(engine.hub, BTC.stream_id) == [
         (1, "snapshot"),
         (2, "update"),
@@ -110,6 +138,7 @@ async def test_acquire_twice_is_one_subscription(engine: Engine) -> None:
     engine.bus.acquire(BTC)
     await engine.owned(BTC.stream_id)
     engine.feed.tick()
+    await engine.settle()
     assert engine.feed.adds == [(BTC.stream_id, 0)]
     assert kinds(engine.hub, BTC.stream_id) == [(1, "snapshot")]
 
@@ -119,6 +148,7 @@ async def test_duplicates_are_dropped(engine: Engine) -> None:
     await engine.owned(BTC.stream_id)
     for seq in (1, 2, 2, 1, 3):
         engine.feed.emit(BTC, seq)
+    await engine.settle()
     assert [seq for seq, _ in kinds(engine.hub, BTC.stream_id)] == [1, 2, 3]
     assert engine.bus.status()["duplicates_dropped"] == 2
 
@@ -128,6 +158,7 @@ async def test_a_jump_in_seq_is_delivered_as_a_snapshot(engine: Engine) -> None:
     await engine.owned(BTC.stream_id)
     for seq in (1, 2, 7, 8):
         engine.feed.emit(BTC, seq)
+    await engine.settle()
     assert kinds(engine.hub, BTC.stream_id) == [
         (1, "snapshot"),
         (2, "update"),
@@ -144,6 +175,7 @@ async def test_streams_are_delivered_independently(engine: Engine) -> None:
     await engine.owned(ETH.stream_id)
     engine.feed.tick()
     engine.feed.tick()
+    await engine.settle()
     assert kinds(engine.hub, BTC.stream_id) == [(1, "snapshot"), (2, "update")]
     assert kinds(engine.hub, ETH.stream_id) == [(1, "snapshot"), (2, "update")]
 
@@ -153,6 +185,7 @@ async def test_reset_reaches_the_hub(engine: Engine) -> None:
     await engine.owned(BTC.stream_id)
     engine.feed.tick()
     engine.feed.handler.reset(BTC)
+    await engine.settle()
     assert engine.hub.resets == [BTC.stream_id]
 
 
@@ -163,9 +196,11 @@ async def test_reject_reaches_the_hub_and_ends_the_stream(engine: Engine) -> Non
     # the real feed drops a refused topic itself, then reports it
     engine.feed.remove(BTC)
     engine.feed.handler.reject(BTC, "topic unknown")
+    await engine.settle()
     assert engine.hub.rejects == [(BTC.stream_id, "topic unknown")]
     engine.feed.add(BTC, 1)  # whatever still arrives for it is not delivered
     engine.feed.tick()
+    await engine.settle()
     assert kinds(engine.hub, BTC.stream_id) == [(1, "snapshot")]
 
 
@@ -173,8 +208,10 @@ async def test_release_stops_delivery_and_frees_the_feed(engine: Engine) -> None
     engine.bus.acquire(BTC)
     await engine.owned(BTC.stream_id)
     engine.feed.tick()
+    await engine.settle()
     engine.bus.release(BTC)
     engine.feed.tick()  # if the feed still has it, nothing reaches the hub
+    await engine.settle()
     assert kinds(engine.hub, BTC.stream_id) == [(1, "snapshot")]
     await engine.until(lambda: BTC.stream_id not in engine.feed.owned, "upstream released")
 
@@ -184,12 +221,14 @@ async def test_reacquire_after_release_starts_with_a_snapshot(engine: Engine) ->
     await engine.owned(BTC.stream_id)
     engine.feed.tick()
     engine.feed.tick()
+    await engine.settle()
     engine.bus.release(BTC)
     await engine.until(lambda: BTC.stream_id not in engine.feed.owned, "upstream released")
     engine.bus.acquire(BTC)
     await engine.owned(BTC.stream_id)
     engine.feed.tick()
     engine.feed.tick()
+    await engine.settle()
     got = kinds(engine.hub, BTC.stream_id)
     assert got[:2] == [(1, "snapshot"), (2, "update")]
     assert got[2][1] == "snapshot" and got[3] == (got[2][0] + 1, "update")
