@@ -126,9 +126,10 @@ SCENARIOS: dict[str, list[Scenario]] = {
         )
     ],
     "smoke": [Scenario("smoke", 20, 2, 20.0, duration=3.0, warmup=0.5, workers=1)],
-    # S1 with twice the clients: run it with --targets proxy,proxy-w2 (one process against a
-    # supervisor with two workers) to see what the second core takes and what the hop costs.
-    "W": [Scenario("W", 2000, 1, 40.0, duration=10.0, note="S1 doubled: 2000 clients")],
+    # Workers at saturation, S1 with twice the clients: run it with --targets proxy,proxy-w2
+    # (one process against a supervisor with two workers) to see what the second core takes
+    # and what the hop costs.
+    "S6": [Scenario("S6", 2000, 1, 40.0, duration=10.0, note="workers: S1 doubled, 2000 clients")],
     # Load against latency and throughput: 1000 clients on 1..20 tickers at 10/s.
     "sweep": [
         Scenario(f"sweep-{n}", 1000, n, 10.0, duration=10.0, note=f"1000 clients x {n} tickers")
@@ -140,6 +141,7 @@ GOALS = {
     "S2": "nothing lost, p99 <= 50 ms",
     "S3": "all connected, nothing lost, RSS/connection <= 10 KiB",
     "S4": "all connected and subscribed, p99 connect-to-snapshot <= 1 s",
+    "S6": "proxy-w2 delivers more than proxy at saturation, nothing lost",
     "S7": "bytes/delivery <= 0.65x proxy-uncompressed at <= 1.3x its CPU/delivery",
 }
 

@@ -80,6 +80,21 @@ def test_compression_scenario_counts_bytes_with_websockets_clients(tmp_path: Pat
     assert runs["proxy"]["bytes_per_delivery"] < runs["proxy-uncompressed"]["bytes_per_delivery"]
 
 
+def test_workers_scenario_runs_one_process_against_two_workers(tmp_path: Path) -> None:
+    report = run_fanout(
+        tmp_path,
+        *("--scenario", "S6", "--targets", "proxy,proxy-w2"),
+        *("--clients", "20", "--duration", "2", "--workers", "1"),
+    )
+    runs = {run["target"]: run for run in report["runs"]}
+    assert set(runs) == {"proxy", "proxy-w2"}
+    for target, run in runs.items():
+        assert run["connected"] == run["subscribed"] == 20, (target, run)
+        assert run["deliveries"] > 0 and run["lost"] == 0, (target, run)
+    # a supervisor, its feed and two workers are counted, not the supervisor alone
+    assert len(runs["proxy-w2"]["server_cpu_util_by_process"]) >= 3, runs["proxy-w2"]
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("locust") is None,
     reason="locust is not installed (pip install -e '.[load]')",
