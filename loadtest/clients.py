@@ -8,6 +8,10 @@ into a histogram (0.1 ms bins). The stream id is the payload's first field, so i
 Every server under test writes data messages as `{"stream":"...", ..., "timestamp":T,
 "source":"mudrex","seq":N}`.
 
+A worker may hold slow readers (`WorkerSpec.slow`): picows clients with a 2 KiB receive buffer
+that read for 5 ms every 250 ms, so they take less than a ticker sends; they are counted apart,
+and the healthy clients' figures exclude them.
+
 A worker runs in its own process (see fanout.py) and talks to its parent over a Pipe:
 it connects and subscribes, reports `ready`, waits for the measuring window (wall-clock start
 and end), counts deliveries inside it, then reports `final` and closes everything.
@@ -59,6 +63,12 @@ class WorkerSpec:
     read_buffer: int = 4096
     client: str = "picows"  # or "websockets"
     compression: bool = True  # websockets clients: offer permessage-deflate
+    slow: int = 0  # of `clients`, how many are slow readers (picows only)
+
+
+SLOW_RCVBUF = 2048
+SLOW_READ_EVERY = 0.25  # s
+SLOW_READ_FOR = 0.005  # s
 
 
 class Tally:
@@ -77,13 +87,15 @@ class Tally:
         "lost",
         "max_ms",
         "measuring",
+        "slow",
         "spans",
         "streams",
         "subscribed",
     )
 
-    def __init__(self, streams: int) -> None:
+    def __init__(self, streams: int, slow: bool = False) -> None:
         self.streams = streams
+        self.slow = slow
         self.measuring = False
         self.count = 0
         self.hist = [0] * (HIST_BINS + 1)
@@ -118,6 +130,14 @@ class Probe(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self.tally.connected += 1
+        if self.tally.slow:
+            raw = transport.underlying_transport
+            sock = raw.get_extra_info("socket")
+            if sock is not None:
+                import socket
+
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF)
+            raw.pause_reading()
         transport.send(_TEXT, self.request)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -266,10 +286,16 @@ async def _connect(spec: WorkerSpec, tally: Tally, request: bytes, probes: list[
     probes.append(probe)
 
 
-async def _connect_all(spec: WorkerSpec, tally: Tally, probes: list[Any]) -> None:
+async def _connect_all(
+    spec: WorkerSpec, healthy: Tally, probes: list[Any], slow: Tally | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     request = orjson.dumps({"op": "subscribe", "args": spec.streams})
     connect = _connect_websockets if spec.client == "websockets" else _connect
+
+    def tally_of(n: int) -> Tally:
+        return slow if slow is not None and n < spec.slow else healthy
+
     tasks: list[asyncio.Task[None]] = []
     if spec.connect_rate > 0:
         start = loop.time()
@@ -277,15 +303,15 @@ async def _connect_all(spec: WorkerSpec, tally: Tally, probes: list[Any]) -> Non
             delay = start + n / spec.connect_rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(loop.create_task(connect(spec, tally, request, probes)))
+            tasks.append(loop.create_task(connect(spec, tally_of(n), request, probes)))
     else:
         gate = asyncio.Semaphore(spec.concurrency)
 
-        async def gated() -> None:
+        async def gated(tally: Tally) -> None:
             async with gate:
                 await connect(spec, tally, request, probes)
 
-        tasks = [loop.create_task(gated()) for _ in range(spec.clients)]
+        tasks = [loop.create_task(gated(tally_of(n))) for n in range(spec.clients)]
     await asyncio.gather(*tasks)
 
 
@@ -297,16 +323,21 @@ async def _recv(conn: Connection) -> Any:
 async def run_worker(conn: Connection, spec: WorkerSpec) -> None:
     loop = asyncio.get_running_loop()
     tally = Tally(len(spec.streams))
+    slow = Tally(len(spec.streams), slow=True)
     probes: list[Any] = []
-    await _connect_all(spec, tally, probes)
+    await _connect_all(spec, tally, probes, slow)
+    reader = loop.create_task(_slow_reads(probes)) if spec.slow else None
     deadline = loop.time() + spec.ready_timeout
-    while tally.subscribed + tally.failed < spec.clients and loop.time() < deadline:
+    while (
+        tally.subscribed + tally.failed + slow.subscribed + slow.failed < spec.clients
+        and loop.time() < deadline
+    ):
         await asyncio.sleep(0.05)
     conn.send(
         {
-            "connected": tally.connected,
-            "failed": tally.failed,
-            "subscribed": tally.subscribed,
+            "connected": tally.connected + slow.connected,
+            "failed": tally.failed + slow.failed,
+            "subscribed": tally.subscribed + slow.subscribed,
             "connect_ms": tally.connect_ms,
             "errors": tally.errors,
         }
@@ -315,10 +346,12 @@ async def run_worker(conn: Connection, spec: WorkerSpec) -> None:
     if command[0] == "measure":
         t0, t1 = command[1], command[2]
         await asyncio.sleep(max(0.0, t0 - time.time()))
-        tally.measuring = True
+        tally.measuring = slow.measuring = True
         await asyncio.sleep(max(0.0, t1 - time.time()))
-        tally.measuring = False
-    tally.closing = True
+        tally.measuring = slow.measuring = False
+    tally.closing = slow.closing = True
+    if reader is not None:
+        reader.cancel()
     conn.send(
         {
             "count": tally.count,
@@ -327,9 +360,16 @@ async def run_worker(conn: Connection, spec: WorkerSpec) -> None:
             "lost": tally.lost,
             "dup": tally.dup,
             "disconnects": tally.disconnects,
-            "connected_at_end": sum(1 for p in probes if _connected(p)),
+            "connected_at_end": sum(1 for p in probes if _connected(p) and not p.tally.slow),
             "spans": {k.decode(): v for k, v in tally.spans.items()},
-            "errors": tally.errors,
+            "errors": tally.errors + slow.errors,
+            "slow": {
+                "clients": spec.slow,
+                "count": slow.count,
+                "lost": slow.lost,  # skipped by conflation: a slow reader gets the newest
+                "disconnects": slow.disconnects,
+                "connected_at_end": sum(1 for p in probes if _connected(p) and p.tally.slow),
+            },
         }
     )
     closing = []
@@ -344,6 +384,27 @@ async def run_worker(conn: Connection, spec: WorkerSpec) -> None:
     if closing:
         await asyncio.gather(*closing, return_exceptions=True)
     await asyncio.sleep(0.2)
+
+
+async def _slow_reads(probes: list[Any]) -> None:
+    """Let each slow reader read for a moment now and then: less than the stream sends."""
+    loop = asyncio.get_running_loop()
+    slow = [p for p in probes if isinstance(p, Probe) and p.tally.slow]
+    while True:
+        await asyncio.sleep(SLOW_READ_EVERY)
+        for probe in slow:
+            transport = probe.transport
+            if transport is None or transport.is_disconnected:
+                continue
+            raw = transport.underlying_transport
+            if not raw.is_closing():
+                raw.resume_reading()
+                loop.call_later(SLOW_READ_FOR, _pause, raw)
+
+
+def _pause(raw: Any) -> None:
+    if not raw.is_closing():
+        raw.pause_reading()
 
 
 def _connected(probe: Any) -> bool:

@@ -93,6 +93,8 @@ class Scenario:
     connect_rate: float = 0.0  # total connects a second; 0: as fast as they complete
     workers: int = 2
     client: str = "picows"  # the load clients; "websockets" offers permessage-deflate
+    slow: float = 0.0  # the share of clients that are slow readers (counted apart)
+    kind: str = "ticker"  # the streams: ticker:SYMBOL, or e.g. orderbook:50 -> orderbook:50:SYMBOL
     note: str = ""
 
     @property
@@ -124,6 +126,12 @@ SCENARIOS: dict[str, list[Scenario]] = {
             client="websockets",
             note="compression: 200 websockets clients (offering deflate), one ticker at 50/s",
         )
+    ],
+    # Slow readers mixed in: the same S1 load without and with 10% of the clients reading less
+    # than the stream sends; the healthy clients' figures should not move.
+    "S8": [
+        Scenario("S8-none", 1000, 1, 40.0, note="S1, no slow readers (the control)"),
+        Scenario("S8", 1000, 1, 40.0, slow=0.1, note="S1 with 10% slow readers"),
     ],
     "smoke": [Scenario("smoke", 20, 2, 20.0, duration=3.0, warmup=0.5, workers=1)],
     # Workers at saturation, S1 with twice the clients: run it with --targets proxy,proxy-w2
@@ -470,7 +478,7 @@ def run_once(
         "offered_per_s": scenario.offered,
         "loadavg_start": os.getloadavg()[0],
     }
-    streams = [f"ticker:{s}" for s in SYMBOLS[: scenario.streams]]
+    streams = [f"{scenario.kind}:{s}" for s in SYMBOLS[: scenario.streams]]
     with Stack(scenario, target, logs / f"{scenario.name}-{label}") as stack:
         assert stack.server is not None and stack.sim is not None
         url = f"ws://127.0.0.1:{stack.port}/ws"
@@ -494,6 +502,7 @@ def run_once(
                     connect_rate=scenario.connect_rate / scenario.workers,
                     ready_timeout=ready_timeout,
                     client=scenario.client,
+                    slow=round(share * scenario.slow),
                 )
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
@@ -572,6 +581,10 @@ def run_once(
                 "max": round(max((f["max_ms"] for f in finals), default=0.0), 1),
             },
             "lost": sum(f["lost"] for f in finals),
+            "slow_clients": sum(f["slow"]["clients"] for f in finals),
+            "slow_deliveries": sum(f["slow"]["count"] for f in finals),
+            "slow_skipped": sum(f["slow"]["lost"] for f in finals),
+            "slow_disconnects": sum(f["slow"]["disconnects"] for f in finals),
             "duplicates": sum(f["dup"] for f in finals),
             "disconnects": sum(f["disconnects"] for f in finals),
             "connected_at_end": sum(f["connected_at_end"] for f in finals),

@@ -95,6 +95,24 @@ def test_workers_scenario_runs_one_process_against_two_workers(tmp_path: Path) -
     assert len(runs["proxy-w2"]["server_cpu_util_by_process"]) >= 3, runs["proxy-w2"]
 
 
+def test_slow_readers_scenario_counts_them_apart(tmp_path: Path) -> None:
+    report = run_fanout(
+        tmp_path,
+        *("--scenario", "S8", "--targets", "proxy"),
+        *("--clients", "20", "--duration", "2", "--workers", "1"),
+    )
+    runs = {run["scenario"]: run for run in report["runs"]}
+    assert set(runs) == {"S8-none", "S8"}
+    for name, run in runs.items():
+        assert run["connected"] == run["subscribed"] == 20, (name, run)
+        assert run["deliveries"] > 0 and run["lost"] == 0, (name, run)
+    assert runs["S8-none"]["slow_clients"] == 0
+    assert runs["S8"]["slow_clients"] == 2
+    # the slow readers take less than the stream sends: fewer deliveries each than the healthy
+    healthy_each = runs["S8"]["deliveries"] / 18
+    assert runs["S8"]["slow_deliveries"] / 2 < healthy_each, runs["S8"]
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("locust") is None,
     reason="locust is not installed (pip install -e '.[load]')",
