@@ -134,6 +134,17 @@ SCENARIOS: dict[str, list[Scenario]] = {
         Scenario("S8", 1000, 1, 40.0, slow=0.1, note="S1 with 10% slow readers"),
     ],
     "smoke": [Scenario("smoke", 20, 2, 20.0, duration=3.0, warmup=0.5, workers=1)],
+    # Order books at Bybit's 20 ms cadence; proxy only (the baselines serve tickers alone).
+    "S5": [
+        Scenario(
+            "S5",
+            1000,
+            5,
+            50.0,
+            kind="orderbook:50",
+            note="books: 1000 clients x 5 orderbook:50 streams at 20 ms",
+        )
+    ],
     # Workers at saturation, S1 with twice the clients: run it with --targets proxy,proxy-w2
     # (one process against a supervisor with two workers) to see what the second core takes
     # and what the hop costs.
@@ -149,6 +160,7 @@ GOALS = {
     "S2": "nothing lost, p99 <= 50 ms",
     "S3": "all connected, nothing lost, RSS/connection <= 10 KiB",
     "S4": "all connected and subscribed, p99 connect-to-snapshot <= 1 s",
+    "S5": "nothing lost, p99 <= 50 ms",
     "S6": "proxy-w2 delivers more than proxy at saturation, nothing lost",
     "S7": "bytes/delivery <= 0.65x proxy-uncompressed at <= 1.3x its CPU/delivery",
 }
@@ -219,6 +231,46 @@ def io_counts(pid: int) -> dict[str, int]:
             return {k: int(v) for k, v in (line.split(": ") for line in f)}
     except OSError:  # another user's process, or no task I/O accounting
         return {}
+
+
+_SLAB_CACHES = ("TCP", "sock_inode_cache")  # a tcp_sock and its socket inode, per connection
+
+
+def slab_bytes_per_socket() -> int:
+    """What every TCP socket costs the kernel before any buffer: its slab objects' sizes."""
+    total = 0
+    with contextlib.suppress(OSError), open("/proc/slabinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0] in _SLAB_CACHES:
+                total += int(fields[3])
+    return total
+
+
+def socket_buffers(port: int) -> tuple[int, int]:
+    """(sockets, bytes) of the server's established sockets on `port`, from `ss -tm`: receive
+    and send buffers in use, forward allocations and option memory (skmem r, t, w, f, o)."""
+    try:
+        out = subprocess.run(
+            ["ss", "-tmnH", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0, 0
+    sockets = used = 0
+    for line in out.splitlines():
+        start = line.find("skmem:(")
+        if start < 0:
+            continue
+        sockets += 1
+        fields = line[start + 7 : line.index(")", start)].split(",")
+        values = {
+            f.rstrip("0123456789"): int(f.lstrip("abcdefghijklmnopqrstuvwxyz")) for f in fields
+        }
+        used += sum(values.get(k, 0) for k in ("r", "t", "w", "f", "o"))
+    return sockets, used
 
 
 def rss_kib(pid: int) -> int:
@@ -540,6 +592,7 @@ def run_once(
             cpu1 = {name: cpu_seconds(p) for name, p in pids.items()}
             server1, split1, io1 = tree_cpu(pid), tree_split(pid), tree_io(pid)
             rss_end = tree_rss_kib(pid)
+            kernel_sockets, kernel_buffers = socket_buffers(stack.port)
             finals = [_recv(conn, 60) for _, conn in workers]
             if spy is not None:
                 spy.wait(30)
@@ -612,6 +665,16 @@ def run_once(
             )
             if result["connected"]
             else None,
+            # the kernel's share per connection: the socket's slab objects and the buffers it
+            # holds at the window's end (ss -tm), beside the process's RSS above
+            "kernel_kib_per_conn": round(
+                (slab_bytes_per_socket() + kernel_buffers / kernel_sockets) / 1024, 2
+            )
+            if kernel_sockets
+            else None,
+            "kernel_buffers_kib_per_conn": round(kernel_buffers / kernel_sockets / 1024, 2)
+            if kernel_sockets
+            else None,
             "errors": sorted({e for r in [*ready, *finals] for e in r["errors"]})[:10],
             "loadavg_end": os.getloadavg()[0],
         }
@@ -641,6 +704,7 @@ _MEDIAN_KEYS = (
     "kernel_us_per_write",
     "server_cpu_util",
     "rss_per_conn_kib",
+    "kernel_kib_per_conn",
     "clients_cpu_util",
 )
 
