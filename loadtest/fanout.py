@@ -596,6 +596,11 @@ def run_once(
             finals = [_recv(conn, 60) for _, conn in workers]
             if spy is not None:
                 spy.wait(30)
+                if perf and spy.returncode == 0:
+                    from loadtest.perfsplit import split
+
+                    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+                        result["perf_split"] = split(result["perf"])
         finally:
             for proc, conn in workers:
                 if not told:  # failed before the window: let the workers close and exit
