@@ -23,7 +23,7 @@ from cpython.dict cimport PyDict_Next
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 import orjson
 
@@ -49,7 +49,20 @@ from fastproxy.codec.tables import (
     CodecError,
     check_utf8,
 )
-from fastproxy.streams import KLINE, TICKER, TRADE
+from fastproxy.codec.tables import (
+    LIQUIDATION_SIDES,
+    PRICE_FRACTION,
+    PRICE_INT_DIGITS,
+    RESYNC_BACKWARD,
+    RESYNC_CROSSED,
+    RESYNC_GAP,
+    RESYNC_MALFORMED,
+    RESYNC_OVERFLOW,
+    RESYNC_REPEAT,
+    RESYNC_RESTART,
+    RESYNC_SNAPSHOT,
+)
+from fastproxy.streams import KLINE, LIQUIDATION, ORDERBOOK, TICKER, TRADE
 from fastproxy.wire import as_snapshot, envelope_prefix, new_epoch
 
 
@@ -68,6 +81,8 @@ cdef extern from "Python.h":
     # borrowed-pointer twins of the bytes macros: no refcount traffic in the assembly loops
     char* ptr_bytes_data "PyBytes_AS_STRING" (PyObject* o)
     Py_ssize_t ptr_bytes_len "PyBytes_GET_SIZE" (PyObject* o)
+    void Py_INCREF(PyObject* o)
+    void Py_DECREF(PyObject* o)
 
 
 cdef object _dumps = orjson.dumps
@@ -865,3 +880,578 @@ cdef class TradeCodec(_Codec):
         self._fresh = False
         self._last = msg
         return [msg]
+
+
+cdef class LiquidationCodec(_Codec):
+    """One Message per Bybit allLiquidation frame; its data lists the events in exchange order."""
+
+    cdef bytes _sym_frag
+    cdef bytes _pre_snap
+    cdef bytes _pre_upd
+
+    def __init__(self, stream, int64_t seq=0, epoch=None):
+        _Codec.__init__(self, stream, seq, epoch)
+        self._sym_frag = _dumps(stream.symbol)
+        pre = envelope_prefix(self._sid)
+        self._pre_snap = pre + b'snapshot","data":['
+        self._pre_upd = pre + b'update","data":['
+
+    cdef str _kind(self):
+        return LIQUIDATION
+
+    def feed(self, frame) -> list:
+        """One Message for one Bybit allLiquidation frame (none for an empty one)."""
+        cdef object data, e, ts_o, side, sym
+        cdef dict ed
+        cdef PyObject* sp
+        cdef int64_t ts, seq
+        cdef Py_ssize_t i, n
+        cdef Buf b
+        cdef Message msg
+
+        if not PyDict_CheckExact(frame):
+            raise CodecError("frame must be a JSON object")
+        sp = PyDict_GetItemWithError(frame, "data")
+        if sp == NULL or not PyList_CheckExact(<object>sp):
+            raise CodecError("data must be a JSON array")
+        data = <object>sp
+        sp = PyDict_GetItemWithError(frame, "ts")
+        ts = as_ms(<object>sp if sp != NULL else None, "ts")
+        ts_o = <object>sp
+
+        n = PyList_GET_SIZE(data)
+        seq = self._seq + 1
+        buf_init(&b)
+        try:
+            buf_bytes(&b, self._pre_snap if self._fresh else self._pre_upd)
+            for i in range(n):
+                e = <object>PyList_GET_ITEM(data, i)
+                if not PyDict_CheckExact(e):
+                    raise CodecError("a liquidation must be a JSON object")
+                ed = <dict>e
+                sym = ed.get("s")
+                buf_put(&b, b'{"symbol":' if i == 0 else b',{"symbol":', 10 if i == 0 else 11)
+                if sym is None:
+                    buf_bytes(&b, self._sym_frag)
+                else:
+                    check_str(sym, "s")
+                    buf_str(&b, sym)
+                side = ed.get("S")
+                if PyUnicode_CheckExact(side) and side == "Buy":
+                    buf_put(&b, b',"side":"buy"', 13)
+                elif PyUnicode_CheckExact(side) and side == "Sell":
+                    buf_put(&b, b',"side":"sell"', 14)
+                else:
+                    raise CodecError("liquidation side S must be Buy or Sell")
+                put_str_field(&b, b',"price":', ed.get("p"), "p")
+                put_str_field(&b, b',"quantity":', ed.get("v"), "v")
+                buf_put(&b, b',"time":', 8)
+                buf_int(&b, as_ms(ed.get("T"), "T"))
+                buf_put(&b, b'}', 1)
+            if n == 0:
+                return []
+            buf_put(&b, b']', 1)
+            put_tail(&b, ts, seq)
+            msg = buf_message(
+                &b, self._sid, seq, SNAPSHOT if self._fresh else UPDATE, ts_o, self.epoch
+            )
+        finally:
+            buf_free(&b)
+        self._seq = seq
+        self._fresh = False
+        self._last = msg
+        return [msg]
+
+
+if LIQUIDATION_SIDES != {"Buy": "buy", "Sell": "sell"}:
+    raise ImportError("liquidation side table changed; update LiquidationCodec.feed")
+
+
+# -- books ----------------------------------------------------------------------------------------
+# A side is a C array of levels sorted by price value, ascending (the best bid is the last, the
+# best ask the first), each holding references to the exchange's own price and size strings:
+# applying a delta allocates nothing, and a snapshot walks the array in output order.
+
+cdef struct Key:  # a price's exact value: integer part, fraction in PRICE_FRACTION digits
+    uint64_t whole
+    uint64_t frac
+
+cdef struct Level:
+    Key key
+    PyObject* price  # owned references
+    PyObject* size
+
+cdef struct Side:
+    Level* lv
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+cdef int side_reserve(Side* s, Py_ssize_t need) except -1:
+    cdef Py_ssize_t cap
+    cdef Level* q
+    if need <= s.cap:
+        return 0
+    cap = s.cap * 2 if s.cap else 64
+    if cap < need:
+        cap = need
+    q = <Level*>realloc(s.lv, cap * sizeof(Level))
+    if q == NULL:
+        raise MemoryError()
+    s.lv = q
+    s.cap = cap
+    return 0
+
+
+cdef void side_drop(Side* s, Py_ssize_t start, Py_ssize_t stop) noexcept:
+    """Remove levels [start, stop)."""
+    cdef Py_ssize_t i
+    for i in range(start, stop):
+        Py_DECREF(s.lv[i].price)
+        Py_DECREF(s.lv[i].size)
+    if stop < s.n:
+        memmove(s.lv + start, s.lv + stop, (s.n - stop) * sizeof(Level))
+    s.n -= stop - start
+
+
+cdef inline bint key_lt(Key a, Key b) noexcept:
+    return a.whole < b.whole or (a.whole == b.whole and a.frac < b.frac)
+
+
+cdef inline bint key_eq(Key a, Key b) noexcept:
+    return a.whole == b.whole and a.frac == b.frac
+
+
+cdef inline Py_ssize_t side_find(Side* s, Key key) noexcept:
+    """Index of the first level whose key is >= key."""
+    cdef Py_ssize_t lo = 0, hi = s.n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if key_lt(s.lv[mid].key, key):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef int side_apply(Side* s, Key key, PyObject* price, PyObject* size, bint deletes) except -1:
+    cdef Py_ssize_t i = side_find(s, key)
+    cdef bint found = i < s.n and key_eq(s.lv[i].key, key)
+    cdef Level* lv
+    if deletes:
+        if found:
+            side_drop(s, i, i + 1)
+        return 0
+    if found:
+        lv = s.lv + i
+        Py_INCREF(price)
+        Py_INCREF(size)
+        Py_DECREF(lv.price)
+        Py_DECREF(lv.size)
+        lv.price = price
+        lv.size = size
+        return 0
+    side_reserve(s, s.n + 1)
+    if i < s.n:
+        memmove(s.lv + i + 1, s.lv + i, (s.n - i) * sizeof(Level))
+    lv = s.lv + i
+    Py_INCREF(price)
+    Py_INCREF(size)
+    lv.key = key
+    lv.price = price
+    lv.size = size
+    s.n += 1
+    return 0
+
+
+cdef uint64_t POW10[20]
+POW10[0] = 1
+for _i in range(1, 20):
+    POW10[_i] = POW10[_i - 1] * 10
+cdef int INT_DIGITS = PRICE_INT_DIGITS
+cdef int FRACTION = PRICE_FRACTION
+if INT_DIGITS > 19 or FRACTION > 19:
+    raise ImportError("price key limits do not fit 64 bits; rebuild fastproxy._codec")
+
+
+cdef int parse_decimal(object v, Key* key, bint* zero) noexcept:
+    """The book grammar (see DECIMAL_RE): 1 when `v` is exactly such a str, with its exact
+    value in `key` and whether every digit is 0; 0 when it is not one; 2 when it is one whose
+    value does not fit a key (see price_key)."""
+    cdef Py_ssize_t n, i = 0, j, digits = 0
+    cdef const char* c
+    cdef bint allzero = True
+    cdef uint64_t whole = 0, frac = 0
+    cdef bint fits = True
+    if not PyUnicode_CheckExact(v) or not PyUnicode_IS_ASCII(v):
+        return 0
+    n = PyUnicode_GET_LENGTH(v)
+    c = <const char*>PyUnicode_DATA(v)
+    while i < n and 48 <= c[i] <= 57:
+        if c[i] != 48:
+            allzero = False
+        if not allzero:
+            digits += 1
+            if digits <= INT_DIGITS:
+                whole = whole * 10 + <uint64_t>(c[i] - 48)
+        i += 1
+    if i == 0:
+        return 0
+    if digits > INT_DIGITS:
+        fits = False
+    if i < n:
+        if c[i] != 46:  # '.'
+            return 0
+        i += 1
+        j = i
+        while i < n and 48 <= c[i] <= 57:
+            if c[i] != 48:
+                allzero = False
+            if i - j < FRACTION:
+                frac = frac * 10 + <uint64_t>(c[i] - 48)
+            i += 1
+        if i == j or i != n:
+            return 0
+        if i - j > FRACTION:
+            fits = False
+        else:
+            frac *= POW10[FRACTION - (i - j)]
+    else:
+        frac = 0
+    key.whole = whole
+    key.frac = frac
+    zero[0] = allzero
+    return 1 if fits else 2
+
+
+cdef int parse_price(object v, Key* key, str what) except -1:
+    cdef bint zero
+    cdef int r = parse_decimal(v, key, &zero)
+    if r == 0:
+        raise CodecError(f"a price of {what} must be a decimal string")
+    if r == 2:
+        raise CodecError(f"a price of {what} is out of range")
+    return 0
+
+
+cdef int parse_size(object v, bint* zero, str what) except -1:
+    cdef Key ignored
+    if parse_decimal(v, &ignored, zero) == 0:
+        raise CodecError(f"a size of {what} must be a decimal string")
+    return 0
+
+
+cdef int put_level(Buf* b, PyObject* price, PyObject* size, bint first) except -1:
+    if first:
+        buf_put(b, b'[', 1)
+    else:
+        buf_put(b, b',[', 2)
+    buf_str(b, <object>price)
+    buf_put(b, b',', 1)
+    buf_str(b, <object>size)
+    return buf_put(b, b']', 1)
+
+
+@cython.final
+cdef class BookCodec(_Codec):
+    """The book of one orderbook topic: see fastproxy.codec.book for the rules, which this
+    twin follows to the byte."""
+
+    cdef Side _bids
+    cdef Side _asks
+    cdef Py_ssize_t _depth
+    cdef bint _held  # a book is held (else: waiting for the exchange's snapshot)
+    cdef int64_t _u
+    cdef int64_t _cts
+    cdef int64_t _ts
+    cdef readonly object resync  # why the last feed() rebuilt or dropped the book, or None
+    cdef bint _resubscribe
+    cdef bytes _pre_snap
+    cdef bytes _pre_upd
+    # per-level parse results of the frame being applied (grown, never shrunk)
+    cdef Key* _keys
+    cdef char* _zero
+    cdef Py_ssize_t _kcap
+    cdef object _snap  # the whole book as a snapshot Message, built once per change
+
+    def __init__(self, stream, int64_t seq=0, epoch=None):
+        _Codec.__init__(self, stream, seq, epoch)
+        self._depth = stream.depth
+        self.resync = None
+        pre = envelope_prefix(self._sid)
+        sym = b'","data":{"symbol":' + _dumps(stream.symbol) + b',"bids":'
+        self._pre_snap = pre + b"snapshot" + sym
+        self._pre_upd = pre + b"update" + sym
+
+    def __dealloc__(self):
+        side_drop(&self._bids, 0, self._bids.n)
+        side_drop(&self._asks, 0, self._asks.n)
+        free(self._bids.lv)
+        free(self._asks.lv)
+        free(self._keys)
+        free(self._zero)
+
+    cdef str _kind(self):
+        return ORDERBOOK
+
+    cdef void _clear(self):
+        side_drop(&self._bids, 0, self._bids.n)
+        side_drop(&self._asks, 0, self._asks.n)
+        self._held = False
+        self._snap = None
+
+    cdef void _untrust(self, str reason):
+        self._clear()
+        self.resync = reason
+        self._resubscribe = True
+
+    def take_resync(self):
+        """The pending resync's reason and whether the topic must be subscribed again; clears it."""
+        reason = self.resync
+        again = self._resubscribe
+        self.resync = None
+        self._resubscribe = False
+        return (reason or "", bool(again))
+
+    def snapshot(self):
+        """The whole book as a `snapshot` Message at the last seq, or None while there is none.
+        Built once per change of the book."""
+        if not self._held:
+            return None
+        if self._snap is None:
+            self._snap = self._book_message()
+        return self._snap
+
+    def feed(self, frame) -> list:
+        """Apply one Bybit orderbook frame; the Message it makes (none while the book is being
+        rebuilt). A frame that cannot be read raises CodecError and drops the book."""
+        try:
+            return self._feed(frame)
+        except CodecError:
+            if self._held:
+                self._untrust(RESYNC_MALFORMED)
+            raise
+
+    cdef int _reserve(self, Py_ssize_t need) except -1:
+        cdef Key* k
+        cdef char* z
+        if need <= self._kcap:
+            return 0
+        if need < 256:
+            need = 256
+        k = <Key*>realloc(self._keys, need * sizeof(Key))
+        if k == NULL:
+            raise MemoryError()
+        self._keys = k
+        z = <char*>realloc(self._zero, need)
+        if z == NULL:
+            raise MemoryError()
+        self._zero = z
+        self._kcap = need
+        return 0
+
+    cdef int _parse(self, object side, Py_ssize_t at, str what) except -1:
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(side)
+        cdef object level
+        cdef bint zero
+        for i in range(n):
+            level = <object>PyList_GET_ITEM(side, i)
+            if not PyList_CheckExact(level) or PyList_GET_SIZE(level) != 2:
+                raise CodecError(f"a level of {what} must be [price, size]")
+            parse_price(<object>PyList_GET_ITEM(level, 0), self._keys + at + i, what)
+            parse_size(<object>PyList_GET_ITEM(level, 1), &zero, what)
+            self._zero[at + i] = zero
+        return 0
+
+    cdef void _apply(self, Side* s, object side, Py_ssize_t at) except *:
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(side)
+        cdef PyObject* level
+        for i in range(n):
+            level = PyList_GET_ITEM(side, i)
+            side_apply(
+                s,
+                self._keys[at + i],
+                PyList_GET_ITEM(<object>level, 0),
+                PyList_GET_ITEM(<object>level, 1),
+                self._zero[at + i],
+            )
+
+    cdef list _feed(self, object frame):
+        cdef PyObject* sp
+        cdef object data, ftype, bids, asks, reason
+        cdef int64_t ts, cts, u, last
+        cdef Py_ssize_t nb, na
+        cdef Buf b
+        cdef Message msg
+
+        if not PyDict_CheckExact(frame):
+            raise CodecError("frame must be a JSON object")
+        sp = PyDict_GetItemWithError(frame, "data")
+        if sp == NULL or not PyDict_CheckExact(<object>sp):
+            raise CodecError("data must be a JSON object")
+        data = <object>sp
+        sp = PyDict_GetItemWithError(frame, "ts")
+        ts = as_ms(<object>sp if sp != NULL else None, "ts")
+        sp = PyDict_GetItemWithError(frame, "cts")
+        cts = ts if sp == NULL or <object>sp is None else as_ms(<object>sp, "cts")
+        sp = PyDict_GetItemWithError(data, "u")
+        u = as_ms(<object>sp if sp != NULL else None, "u")
+        sp = PyDict_GetItemWithError(frame, "type")
+        ftype = <object>sp if sp != NULL else None
+        if not (PyUnicode_CheckExact(ftype) and (ftype == SNAPSHOT or ftype == "delta")):
+            raise CodecError("orderbook frame type must be snapshot or delta")
+        sp = PyDict_GetItemWithError(data, "b")
+        if sp == NULL or not PyList_CheckExact(<object>sp):
+            raise CodecError("b must be a JSON array")
+        bids = <object>sp
+        sp = PyDict_GetItemWithError(data, "a")
+        if sp == NULL or not PyList_CheckExact(<object>sp):
+            raise CodecError("a must be a JSON array")
+        asks = <object>sp
+        nb = PyList_GET_SIZE(bids)
+        na = PyList_GET_SIZE(asks)
+        self._reserve(nb + na)
+        self._parse(bids, 0, "b")
+        self._parse(asks, nb, "a")
+        last = self._u
+
+        if ftype == SNAPSHOT:
+            if self._held:
+                reason = None
+                if self._depth == 1:
+                    if u == 1 and last != 1:
+                        reason = RESYNC_RESTART
+                    elif u < last:
+                        reason = RESYNC_BACKWARD
+                else:
+                    reason = RESYNC_RESTART if u == 1 else RESYNC_SNAPSHOT
+                if reason is not None:
+                    self.resync = reason
+            side_drop(&self._bids, 0, self._bids.n)
+            side_drop(&self._asks, 0, self._asks.n)
+            self._apply(&self._bids, bids, 0)
+            self._apply(&self._asks, asks, nb)
+            if self._bids.n > self._depth:  # keep the best DEPTH levels
+                side_drop(&self._bids, 0, self._bids.n - self._depth)
+            if self._asks.n > self._depth:
+                side_drop(&self._asks, self._depth, self._asks.n)
+            self._held = True
+            self._u = u
+            self._cts = cts
+            self._ts = ts
+            self._seq += 1
+            self._snap = None
+            return [self.snapshot()]
+
+        if not self._held:
+            return []  # an old subscription's delta, or one before the first snapshot
+        if u != last + 1:
+            if u == 1:
+                self._untrust(RESYNC_RESTART)
+            elif u == last:
+                self._untrust(RESYNC_REPEAT)
+            elif u < last:
+                self._untrust(RESYNC_BACKWARD)
+            else:
+                self._untrust(RESYNC_GAP)
+            return []
+        self._apply(&self._bids, bids, 0)
+        self._apply(&self._asks, asks, nb)
+        if (
+            self._bids.n and self._asks.n
+            and not key_lt(self._bids.lv[self._bids.n - 1].key, self._asks.lv[0].key)
+        ):
+            self._untrust(RESYNC_CROSSED)
+            return []
+        if self._bids.n > self._depth or self._asks.n > self._depth:
+            self._untrust(RESYNC_OVERFLOW)
+            return []
+        self._u = u
+        self._cts = cts
+        self._ts = ts
+        self._seq += 1
+        self._snap = None
+        if self._depth == 1:
+            return [self.snapshot()]
+        buf_init(&b)
+        try:
+            buf_bytes(&b, self._pre_upd)
+            put_frame_levels(&b, bids)
+            buf_put(&b, b',"asks":', 8)
+            put_frame_levels(&b, asks)
+            self._put_tail(&b)
+            msg = buf_message(&b, self._sid, self._seq, UPDATE, self._ts, self.epoch)
+        finally:
+            buf_free(&b)
+        return [msg]
+
+    cdef int _put_tail(self, Buf* b) except -1:
+        buf_put(b, b',"updateId":', 12)
+        buf_int(b, self._u)
+        buf_put(b, b',"time":', 8)
+        buf_int(b, self._cts)
+        buf_put(b, b'}', 1)
+        return put_tail(b, self._ts, self._seq)
+
+    cdef Message _book_message(self):
+        cdef Buf b
+        cdef Py_ssize_t i
+        cdef Level* lv
+        cdef Message msg
+        buf_init(&b)
+        try:
+            buf_bytes(&b, self._pre_snap)
+            buf_put(&b, b'[', 1)
+            lv = self._bids.lv
+            for i in range(self._bids.n - 1, -1, -1):
+                put_level(&b, lv[i].price, lv[i].size, i == self._bids.n - 1)
+            buf_put(&b, b'],"asks":[', 10)
+            lv = self._asks.lv
+            for i in range(self._asks.n):
+                put_level(&b, lv[i].price, lv[i].size, i == 0)
+            buf_put(&b, b']', 1)
+            self._put_tail(&b)
+            msg = buf_message(&b, self._sid, self._seq, SNAPSHOT, self._ts, self.epoch)
+        finally:
+            buf_free(&b)
+        return msg
+
+    def follow(self, message) -> None:
+        """Take a Message of this stream made by another node's codec (a cluster follower keeps
+        the book this way to serve its own late joiners)."""
+        cdef Key key
+        cdef bint zero
+        cdef Side* s
+        doc = orjson.loads(message.payload)
+        data = doc["data"]
+        if message.type == SNAPSHOT:
+            side_drop(&self._bids, 0, self._bids.n)
+            side_drop(&self._asks, 0, self._asks.n)
+        for name in ("bids", "asks"):
+            s = &self._bids if name == "bids" else &self._asks
+            for level in data[name]:
+                price, size = level
+                parse_price(price, &key, "a followed book")
+                parse_size(size, &zero, "a followed book")
+                side_apply(s, key, <PyObject*>price, <PyObject*>size, zero)
+        self._u = data["updateId"]
+        self._cts = data["time"]
+        self._ts = message.ts
+        self._seq = message.seq
+        self.epoch = message.epoch
+        self._held = True
+        self._snap = message if message.type == SNAPSHOT else None
+
+    def __repr__(self):
+        return f"BookCodec({self.stream!r}, seq={self._seq}, u={self._u if self._held else None})"
+
+
+cdef inline int put_frame_levels(Buf* b, object side) except -1:
+    """A frame's validated [price, size] pairs, in frame order."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(side)
+    cdef PyObject* level
+    buf_put(b, b'[', 1)
+    for i in range(n):
+        level = PyList_GET_ITEM(side, i)
+        put_level(b, PyList_GET_ITEM(<object>level, 0), PyList_GET_ITEM(<object>level, 1), i == 0)
+    return buf_put(b, b']', 1)

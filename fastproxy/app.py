@@ -157,6 +157,7 @@ def feed_figures(feed: Feed) -> dict[str, Any]:
         "streams": feed.stream_count,
         "messages_out": feed.messages_out,
         "codec_errors": feed.codec_errors,
+        "book_resyncs": dict(feed.resyncs),
         "codec": IMPLEMENTATION,
     }
 

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastproxy.codec import CodecError, Message, new_codec
+from fastproxy.codec import RESYNC_REASONS, CodecError, Message, new_codec
 from fastproxy.streams import Stream, StreamError, stream_for_topic
 from fastproxy.upstream import UpstreamPool, UpstreamSettings
 
@@ -35,6 +35,7 @@ class _Unattached:
 class Feed:
     def __init__(self, settings: UpstreamSettings) -> None:
         self._codecs: dict[str, Any] = {}  # topic -> codec
+        self._books: dict[str, Any] = {}  # topic -> codec, for codecs that may ask for a resync
         self._streams: dict[str, Stream] = {}  # topic -> stream
         self._handler: Handler = _Unattached()
         self.pool = UpstreamPool(
@@ -42,7 +43,9 @@ class Feed:
         )
         self.messages_out = 0
         self.codec_errors = 0
+        self.resyncs = dict.fromkeys(RESYNC_REASONS, 0)  # books rebuilt, by reason
         self._last_error_log = 0.0
+        self._last_resync_log = 0.0
 
     def attach(self, handler: Handler) -> None:
         self._handler = handler
@@ -63,18 +66,30 @@ class Feed:
         if stream.topic in self._streams:
             return
         self._streams[stream.topic] = stream
-        self._codecs[stream.topic] = new_codec(stream, seq, epoch)
+        codec = self._codecs[stream.topic] = new_codec(stream, seq, epoch)
         self.pool.subscribe([stream.topic])
+        if stream.is_delta:
+            self._books[stream.topic] = codec
+            # removed and added back at once, the topic stayed subscribed upstream and would
+            # send this new, empty book no snapshot: ask for one (a no-op for a new topic)
+            self.pool.resubscribe(stream.topic)
 
     def remove(self, stream: Stream) -> None:
         if self._streams.pop(stream.topic, None) is None:
             return
         self._codecs.pop(stream.topic, None)
+        self._books.pop(stream.topic, None)
         self.pool.unsubscribe([stream.topic])
 
     def seq(self, stream: Stream) -> int | None:
         codec = self._codecs.get(stream.topic)
         return None if codec is None else codec.seq
+
+    def snapshot(self, stream: Stream) -> Message | None:
+        """The stream's current state as a snapshot Message (a book: the whole book), at the
+        seq of the last Message delivered; None when there is none (yet, or while rebuilding)."""
+        codec = self._codecs.get(stream.topic)
+        return None if codec is None else codec.snapshot()
 
     def _on_data(self, topic: str, frame: dict, generation: int) -> None:
         codec = self._codecs.get(topic)
@@ -91,11 +106,31 @@ class Feed:
                     "malformed upstream frame dropped",
                     extra={"topic": topic, "error": str(exc), "codec_errors": self.codec_errors},
                 )
+            if topic in self._books and codec.resync is not None:
+                self._resync(topic, codec)
             return
+        if topic in self._books and codec.resync is not None:
+            self._resync(topic, codec)
         deliver = self._handler.deliver
         for message in messages:
             deliver(message)
         self.messages_out += len(messages)
+
+    def _resync(self, topic: str, codec: Any) -> None:
+        """A book could not be trusted: count why; if the codec dropped it, no joiner may get the
+        old state, and the topic is subscribed again for a fresh exchange snapshot."""
+        reason, again = codec.take_resync()
+        self.resyncs[reason] = self.resyncs.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._last_resync_log > 10.0:
+            self._last_resync_log = now
+            log.info(
+                "book resync",
+                extra={"topic": topic, "reason": reason, "resubscribe": again},
+            )
+        if again:
+            self._handler.reset(self._streams[topic])
+            self.pool.resubscribe(topic)
 
     def _on_reset(self, topic: str) -> None:
         codec = self._codecs.get(topic)
@@ -106,6 +141,7 @@ class Feed:
     def _on_failed(self, topic: str, reason: str) -> None:
         stream = self._streams.pop(topic, None)
         self._codecs.pop(topic, None)
+        self._books.pop(topic, None)
         if stream is None:
             try:
                 stream = stream_for_topic(topic)

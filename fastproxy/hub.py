@@ -7,7 +7,9 @@ serializes per client, awaits per send, or starts a task per message.
 The hub also keeps, per stream, the last Message it delivered: a new subscriber's snapshot is
 that Message marked `"type":"snapshot"` (every Message carries the stream's complete current
 state: the merged ticker, the current candle, the latest trades), so a late joiner gets seq N and
-the next live Message is N+1, with no gap and no duplicate on any node.
+the next live Message is N+1, with no gap and no duplicate on any node. Delta streams (books) are
+the exception: an update holds only what changed, so their snapshot is the whole book, which the
+bus asks of whoever keeps it (the owner's codec, or a follower's copy) at the same seq.
 
 Clients that negotiated permessage-deflate are kept in sets of their own: a stream one of them
 holds has each Message compressed once (the last-value cache builds and keeps the frame), and
@@ -78,8 +80,9 @@ class Hub:
                     timer.cancel()
             (self._zsubs if session.deflate else self._subs)[sid].add(session)
             session.streams.add(stream)
-            frame = self._values.snapshot_frame(sid, session.deflate)
-            if frame is not None:
+            snapshot = self.snapshot(sid)
+            if snapshot is not None:
+                frame = self._values.frame_of(snapshot) if session.deflate else snapshot.frame
                 self.send(session, frame)
 
     def unsubscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
@@ -131,6 +134,9 @@ class Hub:
     # -- delivery ------------------------------------------------------------------------
 
     def snapshot(self, stream_id: str) -> Message | None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.is_delta:
+            return self._bus.snapshot(stream)  # the whole book, kept by the codec or a copy
         return self._values.snapshot(stream_id)
 
     def deliver(self, message: Message) -> None:

@@ -89,6 +89,14 @@ class ProxyCollector(Collector):
             "Malformed upstream frames dropped",
             value=s.get("feed", {}).get("codec_errors", 0),
         )
+        resyncs = CounterMetricFamily(
+            "fastproxy_book_resyncs",
+            "Order books rebuilt from a fresh exchange snapshot, by reason",
+            labels=["reason"],
+        )
+        for reason, count in s.get("feed", {}).get("book_resyncs", {}).items():
+            resyncs.add_metric([reason], count)
+        yield resyncs
         bus = s["bus"]
         yield GaugeMetricFamily(
             "fastproxy_bus_healthy",

@@ -204,7 +204,8 @@ class LastValues:
         self._last: dict[str, Message] = {}  # stream_id -> last Message
         self._snapshots: dict[str, Message] = {}  # stream_id -> as_snapshot(last)
         self._deflated: dict[str, bytes] = {}  # stream_id -> last Message, compressed frame
-        self._deflated_snapshots: dict[str, bytes] = {}  # the same of its snapshot
+        # the same of its snapshot, with the snapshot it was made from
+        self._deflated_snapshots: dict[str, tuple[Message, bytes]] = {}
         self.deflater = deflater or Deflater()
 
     def put(self, message: Message) -> None:
@@ -224,17 +225,16 @@ class LastValues:
             frame = self._deflated[stream_id] = self.deflater.frame(last.payload)
         return frame
 
-    def snapshot_frame(self, stream_id: str, deflated: bool) -> bytes | None:
-        """The snapshot's frame, compressed when `deflated`, or None when nothing is known."""
-        if not deflated:
-            snapshot = self.snapshot(stream_id)
-            return None if snapshot is None else snapshot.frame
-        frame = self._deflated_snapshots.get(stream_id)
-        if frame is None:
-            snapshot = self.snapshot(stream_id)
-            if snapshot is None:
-                return None
-            frame = self._deflated_snapshots[stream_id] = self.deflater.frame(snapshot.payload)
+    def frame_of(self, message: Message) -> bytes:
+        """The compressed frame of a snapshot to send: the last one's is built once and kept;
+        one made elsewhere (a book's whole-book snapshot from its codec) is compressed here."""
+        sid = message.stream_id
+        cached = self._deflated_snapshots.get(sid)
+        if cached is not None and cached[0] is message:
+            return cached[1]
+        frame = self.deflater.frame(message.payload)
+        if self._snapshots.get(sid) is message:
+            self._deflated_snapshots[sid] = (message, frame)
         return frame
 
     def snapshot(self, stream_id: str) -> Message | None:

@@ -63,6 +63,6 @@ def test_stream_is_immutable_hashable_and_picklable() -> None:
 
 
 def test_unknown_topic() -> None:
-    for topic in ("orderbook.50.BTCUSDT", "kline.7.BTCUSDT", "tickers."):
+    for topic in ("orderbook.25.BTCUSDT", "liquidation.BTCUSDT", "kline.7.BTCUSDT", "tickers."):
         with pytest.raises(StreamError):
             stream_for_topic(topic)

@@ -59,6 +59,9 @@ class Source(Protocol):
     def seq(self, stream: Stream) -> int | None:
         """The last seq made for `stream`, None when it is not subscribed."""
 
+    def snapshot(self, stream: Stream) -> Message | None:
+        """The stream's state at its last seq (a book: the whole book); None when unknown."""
+
 
 class Callbacks:
     """A Handler made of three functions (an engine's inputs from the feed)."""
@@ -95,6 +98,10 @@ class Bus(Protocol):
 
     def release(self, stream: Stream) -> None:
         """No client of this node holds `stream` any more."""
+
+    def snapshot(self, stream: Stream) -> Message | None:
+        """The current state of a delta stream (a whole book) as a snapshot Message at the seq
+        of the last Message delivered for it, or None when there is none."""
 
     def status(self) -> dict[str, Any]:
         """For /stats and /health: at least `engine` and `healthy`."""

@@ -4,15 +4,20 @@ Per stream this node has a line: the last seq it delivered. A Message at or belo
 duplicate and is dropped; one that skips ahead is delivered as a snapshot (every Message
 carries the stream's complete current state, so a snapshot repairs any gap); the first
 delivery after the stream is held, or after `rebase`, is a snapshot whatever its seq.
+Delta streams (books) are the exception to "every Message carries the state": an update
+cannot stand for the whole book, so there the snapshot is the engine's `state` of the stream
+(the owner's codec, a follower's copy) at that same seq, and an update with no such state is
+not delivered at all.
 A line outlives `unhold` (an owner may go on publishing for other nodes, and numbering
 continues), and ends with `forget`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fastproxy.wire import as_snapshot
+from fastproxy.wire import SNAPSHOT, as_snapshot
 
 if TYPE_CHECKING:
     from fastproxy.bus import Handler
@@ -21,21 +26,27 @@ if TYPE_CHECKING:
 
 
 class _Line:
-    __slots__ = ("held", "last", "resync")
+    __slots__ = ("delta", "held", "last", "resync")
 
     def __init__(self) -> None:
         self.held = False  # local clients hold the stream: deliveries go to the handler
         self.last: int | None = None  # last seq delivered (or accepted, when not held)
         self.resync = False  # the next delivery is a snapshot whatever its seq
+        self.delta: Stream | None = None  # a delta stream's Stream (its updates are partial)
 
 
 class Delivery:
     """Dedupe by seq, a jump delivered as a snapshot, then on to the handler (the hub)."""
 
-    __slots__ = ("_handler", "_lines", "duplicates", "gaps")
+    __slots__ = ("_handler", "_lines", "_state", "duplicates", "gaps")
 
-    def __init__(self, handler: Handler | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler | None = None,
+        state: Callable[[Stream], Message | None] | None = None,
+    ) -> None:
         self._handler = handler
+        self._state = state  # a delta stream's whole state at its last seq (see above)
         self._lines: dict[str, _Line] = {}
         self.duplicates = 0
         self.gaps = 0
@@ -43,13 +54,16 @@ class Delivery:
     def attach(self, handler: Handler) -> None:
         self._handler = handler
 
-    def hold(self, stream_id: str) -> None:
-        """Local clients hold the stream; the hub has no state for it: resync."""
+    def hold(self, stream_id: str, stream: Stream | None = None) -> None:
+        """Local clients hold the stream; the hub has no state for it: resync. Give the
+        `stream` of a delta stream (a book), whose snapshots come from `state`."""
         line = self._lines.get(stream_id)
         if line is None:
             line = self._lines[stream_id] = _Line()
         line.held = True
         line.resync = True
+        if stream is not None and stream.is_delta:
+            line.delta = stream
 
     def unhold(self, stream_id: str) -> None:
         """No local client holds it; the line stays so numbering is still checked."""
@@ -92,10 +106,16 @@ class Delivery:
             self.duplicates += 1
             return False
         if line.resync or (last is not None and seq != last + 1):
+            if line.delta is not None and message.type != SNAPSHOT:
+                state = None if self._state is None else self._state(line.delta)
+                if state is None or state.seq != seq:
+                    return False  # a book's update cannot stand for the book
+                message = state
+            else:
+                message = as_snapshot(message)
             if not line.resync:
                 self.gaps += 1
             line.resync = False
-            message = as_snapshot(message)
         line.last = seq
         if line.held and self._handler is not None:
             self._handler.deliver(message)

@@ -470,7 +470,8 @@ class LocalBus:
         if stream.stream_id in self._held:
             return
         self._held[stream.stream_id] = stream
-        self._delivery.hold(stream.stream_id)
+        # a book's update never stands for the book here: a worker keeps no copy of it yet
+        self._delivery.hold(stream.stream_id, stream)
         self._send(ipc.encode_text(ipc.ACQUIRE, stream.arg))
 
     def release(self, stream: Stream) -> None:
@@ -522,6 +523,10 @@ class LocalBus:
         link = self._link
         if self.linked and link is not None and link.transport is not None:
             link.transport.write(record)
+
+    def snapshot(self, stream: Stream) -> Message | None:
+        """A worker keeps no copy of a book: its joiners wait for the exchange's next snapshot."""
+        return None
 
     def status(self) -> dict[str, Any]:
         """This worker's end. The machine's engine applies the delivery rules first, so a gap

@@ -10,6 +10,7 @@ from fastproxy.bus.delivery import Delivery
 if TYPE_CHECKING:
     from fastproxy.bus import Handler, Source
     from fastproxy.streams import Stream
+    from fastproxy.wire import Message
 
 
 class MemoryBus:
@@ -17,7 +18,7 @@ class MemoryBus:
 
     def __init__(self, feed: Source) -> None:
         self._feed = feed
-        self._delivery = Delivery()
+        self._delivery = Delivery(state=feed.snapshot)
         feed.attach(self._delivery)
 
     def attach(self, handler: Handler) -> None:
@@ -30,13 +31,16 @@ class MemoryBus:
         return None
 
     def acquire(self, stream: Stream) -> None:
-        self._delivery.hold(stream.stream_id)
+        self._delivery.hold(stream.stream_id, stream)
         self._feed.add(stream)
 
     def release(self, stream: Stream) -> None:
         # the feed drops the stream's codec: a later acquire starts a new numbering (epoch)
         self._delivery.forget(stream.stream_id)
         self._feed.remove(stream)
+
+    def snapshot(self, stream: Stream) -> Message | None:
+        return self._feed.snapshot(stream)
 
     def status(self) -> dict[str, Any]:
         return {

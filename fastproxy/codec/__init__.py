@@ -19,6 +19,7 @@ Decisions the protocol leaves open, the same in both implementations:
 - `change24hPercent` is left out when `price24hPcnt` is not a plain decimal (see
   `percent_2dp`); the frame is still used.
 - The ticker `symbol` is the stream's symbol until the exchange sends one.
+- Books: see fastproxy.codec.book (snapshot/update, u continuity, resync reasons).
 - A trade's `symbol` is its `s`, else the stream's; `isBlockTrade` is left out when `BT` is
   missing or null. A trade or kline frame with an empty `data` list yields no Message.
 """
@@ -28,12 +29,15 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
+from fastproxy.codec.book import PyBookCodec, PyLiquidationCodec
 from fastproxy.codec.pure import PY_CODECS, PyKlineCodec, PyTickerCodec, PyTradeCodec
-from fastproxy.codec.tables import CodecError, percent_2dp
-from fastproxy.streams import KLINE, TICKER, TRADE, Stream
+from fastproxy.codec.tables import RESYNC_REASONS, CodecError, percent_2dp
+from fastproxy.streams import KLINE, LIQUIDATION, ORDERBOOK, TICKER, TRADE, Stream
 from fastproxy.wire import Message as PyMessage
 from fastproxy.wire import as_snapshot
 from fastproxy.wire import ws_text_frame as py_ws_text_frame
+
+PY_CODECS = {**PY_CODECS, ORDERBOOK: PyBookCodec, LIQUIDATION: PyLiquidationCodec}
 
 try:
     from fastproxy.codec import _codec as _ext
@@ -77,15 +81,20 @@ if _ext is not None:
     CyTickerCodec = _ext.TickerCodec
     CyKlineCodec = _ext.KlineCodec
     CyTradeCodec = _ext.TradeCodec
+    CyBookCodec = _ext.BookCodec
+    CyLiquidationCodec = _ext.LiquidationCodec
     cy_ws_text_frame = _ext.ws_text_frame
     CyMessage = _ext.Message
     CY_CODECS: dict[str, type] | None = {
         TICKER: CyTickerCodec,
         KLINE: CyKlineCodec,
         TRADE: CyTradeCodec,
+        ORDERBOOK: CyBookCodec,
+        LIQUIDATION: CyLiquidationCodec,
     }
 else:
     CyTickerCodec = CyKlineCodec = CyTradeCodec = CyMessage = cy_ws_text_frame = None  # type: ignore[assignment,misc]
+    CyBookCodec = CyLiquidationCodec = None  # type: ignore[assignment,misc]
     CY_CODECS = None
 
 CYTHON_AVAILABLE = CY_CODECS is not None
@@ -116,14 +125,19 @@ __all__ = [
     "CY_CODECS",
     "IMPLEMENTATION",
     "PY_CODECS",
+    "RESYNC_REASONS",
     "Codec",
     "CodecError",
+    "CyBookCodec",
     "CyKlineCodec",
+    "CyLiquidationCodec",
     "CyMessage",
     "CyTickerCodec",
     "CyTradeCodec",
     "Message",
+    "PyBookCodec",
     "PyKlineCodec",
+    "PyLiquidationCodec",
     "PyMessage",
     "PyTickerCodec",
     "PyTradeCodec",

@@ -16,6 +16,9 @@ refuse=STATUS[:COUNT]         refuse WS handshakes with HTTP STATUS (502/403/429
 restart_books                 every book re-snapshots with u=1
 skip_u=TOPIC                  the next book frame of TOPIC skips one u
 repeat_u=TOPIC                the next book frame of TOPIC repeats the last u
+backward_u=TOPIC              the next book frame of TOPIC steps u back by one
+drop_delta=TOPIC              the next delta of TOPIC is lost (the book changes, no frame)
+crossed_delta=TOPIC           the next book frame of TOPIC is a delta that crosses the book
 resend_snapshot=TOPIC         push a mid-stream snapshot of a ticker, book or kline TOPIC
 inject_trades=SYMBOL:COUNT    one taker order with COUNT fills (split into <=1024-trade frames)
 inject_liquidation=SYMBOL     one allLiquidation event now
@@ -34,6 +37,9 @@ class FaultTarget(Protocol):
     def restart_books(self) -> int: ...
     def skip_u(self, topic: str, category: str = "linear") -> None: ...
     def repeat_u(self, topic: str, category: str = "linear") -> None: ...
+    def backward_u(self, topic: str, category: str = "linear") -> None: ...
+    def drop_delta(self, topic: str, category: str = "linear") -> None: ...
+    def crossed_delta(self, topic: str, category: str = "linear") -> None: ...
     def resend_snapshot(self, topic: str, category: str = "linear") -> None: ...
     def inject_trades(self, symbol: str, count: int, category: str = "linear") -> None: ...
     def inject_liquidation(self, symbol: str, category: str = "linear") -> None: ...
@@ -70,6 +76,9 @@ FAULT_NAMES = frozenset(
         "restart_books",
         "skip_u",
         "repeat_u",
+        "backward_u",
+        "drop_delta",
+        "crossed_delta",
         "resend_snapshot",
         "inject_trades",
         "inject_liquidation",
@@ -122,7 +131,14 @@ def apply_fault(sim: FaultTarget, name: str, params: Mapping[str, str]) -> dict[
         return {"refuse": status, "count": count}
     if name == "restart_books":
         return {"books": sim.restart_books()}
-    if name in ("skip_u", "repeat_u", "resend_snapshot"):
+    if name in (
+        "skip_u",
+        "repeat_u",
+        "backward_u",
+        "drop_delta",
+        "crossed_delta",
+        "resend_snapshot",
+    ):
         topic = _required(params, "topic", "value")
         getattr(sim, name)(topic, category)
         return {name: topic, "category": category}

@@ -144,6 +144,12 @@ class BookFeed(Feed):
         self.pending_snapshot = False
         self.skip_next = 0
         self.repeat_next = 0
+        self.back_next = 0
+        self.drop_next = 0
+        self.cross_next = 0
+        # u -> (bids, asks) as sent (or, for a dropped delta, as it would have been), for tests
+        # that check a client's book against the exchange's at every update id; off by default
+        self.truth: dict[int, tuple[list[list[str]], list[list[str]]]] | None = None
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -157,6 +163,9 @@ class BookFeed(Feed):
         if self.repeat_next:
             self.repeat_next -= 1
             return self.u
+        if self.back_next:
+            self.back_next -= 1
+            return self.u - 1
         step = 1 + self.skip_next
         self.skip_next = 0
         return self.u + step
@@ -205,21 +214,43 @@ class BookFeed(Feed):
         return self._frame("snapshot", bids, asks, now_ms)
 
     def snapshot_frames(self, now_ms: int) -> list[bytes]:
+        self._record()
         return [self._snapshot(now_ms)]
 
+    def _record(self) -> None:
+        if self.truth is not None:
+            bids = self._levels(sorted(self.win_bids.items(), reverse=True))
+            asks = self._levels(sorted(self.win_asks.items()))
+            self.truth[self.u] = (bids, asks)
+
+    def _crossed(self, now_ms: int) -> bytes:
+        """A delta that crosses the book (a bid at the best ask); the book itself is unchanged."""
+        self.u += 1
+        self.last_sent_ms = now_ms
+        best_ask = min(self.win_asks) if self.win_asks else (max(self.win_bids, default=1) + 1)
+        frame = self._frame(
+            "delta", [(best_ask, max(1, self.win_asks.get(best_ask, 1)))], [], now_ms
+        )
+        return frame
+
     def tick(self, now_ms: int) -> list[bytes]:
+        if self.cross_next and not self.snapshot_only:
+            self.cross_next -= 1
+            return [self._crossed(now_ms)]
         if self.pending_restart:
             # a service restart: the book starts over at u=1 and clients must overwrite theirs
             self.pending_restart = self.pending_snapshot = False
             self._capture()
             self.u = 1
             self.last_sent_ms = now_ms
+            self._record()
             return [self._snapshot(now_ms)]
         if self.pending_snapshot:
             self.pending_snapshot = False
             self._capture()
             self.u = self._next_u()
             self.last_sent_ms = now_ms
+            self._record()
             return [self._snapshot(now_ms)]
         book = self.inst.book
         if book.version != self.seen_version:
@@ -238,8 +269,12 @@ class BookFeed(Feed):
                 self.u = self._next_u()
                 self.seq, self.cts = self.inst.seq, self.inst.engine_ms
                 self.last_sent_ms = now_ms
+                self._record()
                 if self.snapshot_only:
                     return [self._snapshot(now_ms)]
+                if self.drop_next:
+                    self.drop_next -= 1
+                    return []  # lost on the way: the book moved on, nobody hears of it
                 bid_diff.sort(reverse=True)
                 ask_diff.sort()
                 return [self._frame("delta", bid_diff, ask_diff, now_ms)]

@@ -323,6 +323,26 @@ class Simulator:
         """The next frame of book ``topic`` repeats the previous u."""
         self._book_feed(topic, category).repeat_next += 1
 
+    def backward_u(self, topic: str, category: str = "linear") -> None:
+        """The next frame of book ``topic`` carries the u before the previous one."""
+        self._book_feed(topic, category).back_next += 1
+
+    def drop_delta(self, topic: str, category: str = "linear") -> None:
+        """The next delta of book ``topic`` is lost: its change happens, no frame is sent."""
+        self._book_feed(topic, category).drop_next += 1
+
+    def crossed_delta(self, topic: str, category: str = "linear") -> None:
+        """The next frame of book ``topic`` is a delta that crosses the book (a bid at the best
+        ask), taking the next u; the exchange's book is not changed by it."""
+        self._book_feed(topic, category).cross_next += 1
+
+    def record_books(self, topic: str, category: str = "linear") -> dict[int, Any]:
+        """Start keeping book ``topic``'s levels per u as sent (for tests); returns that log."""
+        feed = self._book_feed(topic, category)
+        if feed.truth is None:
+            feed.truth = {}
+        return feed.truth
+
     def resend_snapshot(self, topic: str, category: str = "linear") -> None:
         """Push a mid-stream snapshot of a ticker, book or kline topic on its next tick."""
         self.exchange.feed(self._ref(topic, category), _now_ms()).resend_snapshot()

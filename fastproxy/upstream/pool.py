@@ -104,6 +104,14 @@ class UpstreamPool:
                 runner.wake.set()
         self._update_up()
 
+    def resubscribe(self, topic: str) -> None:
+        """Unsubscribe `topic` and subscribe it again on its connection (for a fresh snapshot)."""
+        conn = self.plan.where.get(topic)
+        if conn is not None and conn.resubscribe(topic):
+            runner = self.runners.get(conn.ident)
+            if runner is not None:
+                runner.wake.set()
+
     def topic_state(self, topic: str) -> str | None:
         return self.plan.topic_state(topic)
 

@@ -127,6 +127,7 @@ class ConnectionState:
         self.generation = 0
         self.requests: dict[str, Request] = {}
         self._todo: dict[str, None] = {}  # topics whose wire state lags their desired state
+        self._again: set[str] = set()  # subscribed topics to unsubscribe and subscribe anew
         self._seq = 0
         self.last_frame_at = 0.0
         self.last_data_at: float | None = None
@@ -173,6 +174,17 @@ class ConnectionState:
             self._drop(entry)
         elif entry.wire == WIRE_SUBSCRIBED:
             self._todo[topic] = None
+
+    def resubscribe(self, topic: str) -> bool:
+        """Unsubscribe a live topic and subscribe it again, for a fresh snapshot (a book that
+        can no longer be trusted). False when nothing needs sending: the topic is not wanted
+        here, or a subscribe is already due or in flight (its snapshot is coming anyway)."""
+        entry = self.topics.get(topic)
+        if entry is None or not entry.desired or entry.wire != WIRE_SUBSCRIBED:
+            return False
+        self._again.add(topic)
+        self._todo[topic] = None
+        return True
 
     def state_of(self, topic: str) -> str | None:
         entry = self.topics.get(topic)
@@ -231,6 +243,7 @@ class ConnectionState:
     def _forget_wire(self) -> None:
         self.requests.clear()
         self._todo.clear()
+        self._again.clear()
         for entry in list(self.topics.values()):
             if not entry.desired:
                 self._drop(entry)
@@ -280,9 +293,10 @@ class ConnectionState:
                 continue
             if entry.desired and entry.wire == WIRE_NONE:
                 (solo if entry.solo else batch).append(entry)
-            elif not entry.desired and entry.wire == WIRE_SUBSCRIBED:
-                leave.append(entry)
+            elif entry.wire == WIRE_SUBSCRIBED and (not entry.desired or topic in self._again):
+                leave.append(entry)  # a wanted one is subscribed again once this is answered
         self._todo.clear()
+        self._again.clear()
         size = self.settings.batch_size
         out = [self._request("unsubscribe", part, now) for part in chunks(leave, size)]
         out.extend(self._request("subscribe", part, now) for part in chunks(batch, size))

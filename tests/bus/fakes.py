@@ -56,6 +56,9 @@ class FakeFeed:
     def seq(self, stream: Stream) -> int | None:
         return self.seqs.get(stream.topic)
 
+    def snapshot(self, stream: Stream) -> Message | None:
+        return None  # keeps no state of its own (the engines ask this of delta streams only)
+
     @property
     def owned(self) -> set[str]:
         return {stream.stream_id for stream in self.streams.values()}

@@ -97,8 +97,9 @@ return {'', n}
 # The owner publishes a batch of one stream's Messages, fenced by the lease: a node that lost
 # its lease (a stall, an outage) cannot publish or overwrite the stored state any more.
 # Triples (seq, epoch, blob): seq '' is a control marker (published only), '-' a reset marker
-# (published, and the stored Message dropped: the owner's upstream state is gone). Returns 1,
-# or 0 if the lease is someone else's.
+# (published, and the stored Message dropped: the owner's upstream state is gone), '+N' a
+# Message that is published but not stored (a book's update), '=N' the stream's state, stored
+# but not published (the whole book). Returns 1, or 0 if the lease is someone else's.
 # KEYS: lease, last. ARGV: node, publish command, channel, keep ms, then seq/epoch/blob triples.
 PUBLISH = Script(
     "publish",
@@ -106,14 +107,25 @@ PUBLISH = Script(
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local seq, epoch, blob = nil, nil, nil
 for i = 5, #ARGV, 3 do
-  redis.call(ARGV[2], ARGV[3], ARGV[i + 2])
-  if ARGV[i] == '-' then
-    redis.call('HDEL', KEYS[2], 'msg')
-    blob = nil
-  elseif ARGV[i] ~= '' then
-    seq = ARGV[i]
+  local tag = ARGV[i]
+  local head = string.sub(tag, 1, 1)
+  if head == '=' then
+    seq = string.sub(tag, 2)
     epoch = ARGV[i + 1]
     blob = ARGV[i + 2]
+  else
+    redis.call(ARGV[2], ARGV[3], ARGV[i + 2])
+    if tag == '-' then
+      redis.call('HDEL', KEYS[2], 'msg')
+      blob = nil
+    elseif head == '+' then
+      seq = string.sub(tag, 2)
+      epoch = ARGV[i + 1]
+    elseif tag ~= '' then
+      seq = tag
+      epoch = ARGV[i + 1]
+      blob = ARGV[i + 2]
+    end
   end
 end
 if blob then

@@ -55,9 +55,10 @@ from fastproxy.bus.redis.codec import (
     marker_text,
 )
 from fastproxy.bus.redis.options import parse_redis_url, with_host, without_db
-from fastproxy.codec import Message
+from fastproxy.codec import Message, new_codec
 from fastproxy.config import Config
 from fastproxy.streams import Stream
+from fastproxy.wire import SNAPSHOT
 
 if TYPE_CHECKING:
     from fastproxy.bus import Handler, Source
@@ -81,6 +82,7 @@ class _StreamState:
     """What this node knows and does about one stream."""
 
     __slots__ = (
+        "book",
         "buffer",
         "channel",
         "confirms",
@@ -113,6 +115,9 @@ class _StreamState:
         self.confirms = 0  # subscribe confirmations still due
         self.force = False  # give the lease up at the next pass (we hold it without a feed)
         self.reject_reason: str | None = None
+        # a follower's copy of a delta stream's state (a book), fed with every Message it
+        # delivers, so that its own late joiners get the whole book; None: not known here
+        self.book: Any = None
 
 
 class _Subscriber:
@@ -238,7 +243,7 @@ class RedisBus:
         self._node = self.node_id.encode()
         self._k_nodes = f"{self.prefix}:nodes"
         # what reaches the hub passes the delivery rules every engine shares
-        self._delivery = Delivery()
+        self._delivery = Delivery(state=self.snapshot)
         feed.attach(Callbacks(self._on_feed_message, self._on_feed_reset, self._on_feed_reject))
         self._states: dict[str, _StreamState] = {}
         self._dirty: set[str] = set()  # streams whose interest/lease need a script this pass
@@ -319,7 +324,7 @@ class RedisBus:
         st.held = True
         # the hub has no state for a stream it did not hold: whatever comes next (a kept
         # subscription's update, an owner's update) goes to it as a snapshot
-        self._delivery.hold(st.sid)
+        self._delivery.hold(st.sid, stream)
         if self._healthy:
             self._mark(st)
         elif st.role == NONE:
@@ -334,6 +339,7 @@ class RedisBus:
         if st.role == FOLLOWER:
             st.role = NONE
             st.buffer = None
+            st.book = None
         elif st.role == LOCAL:
             self._feed.remove(stream)
             st.role = NONE
@@ -341,6 +347,16 @@ class RedisBus:
             self._mark(st)  # drop our interest; an owner decides whether to keep the lease
         elif st.role == NONE and st.sub is None:
             self._forget(st)  # our interest lapses with its TTL
+
+    def snapshot(self, stream: Stream) -> Message | None:
+        st = self._states.get(stream.stream_id)
+        if st is None:
+            return None
+        if st.role is OWNER or st.role is LOCAL:
+            return self._feed.snapshot(stream)
+        if st.role is FOLLOWER and st.book is not None:
+            return st.book.snapshot()
+        return None
 
     def status(self) -> dict[str, Any]:
         roles = dict.fromkeys((OWNER, FOLLOWER, LOCAL), 0)
@@ -405,11 +421,12 @@ class RedisBus:
             message = decode_message(st.sid, data)
             buffer = st.buffer
             if buffer is None:
-                self._delivery.deliver(message)
+                self._follow(st, message)
             elif len(buffer) < _BUFFER_MAX:
                 buffer.append(message)
             return
         if kind == KIND_RESET:
+            st.book = None
             if st.role is FOLLOWER:
                 self._delivery.reset(st.stream)
         elif kind == KIND_REJECT:
@@ -417,6 +434,40 @@ class RedisBus:
                 self._rejected(st, marker_text(data))
         elif kind == KIND_HANDOVER and st.held:
             self._mark(st)  # the lease is free: stand for election now
+
+    def _follow(self, st: _StreamState, message: Message) -> None:
+        """A follower's delivery. A book's update is applied to this node's copy of the book
+        first (its late joiners are served from that copy); one that does not follow the copy
+        sends the follower back to the stored book."""
+        if not st.stream.is_delta:
+            self._delivery.deliver(message)
+            return
+        last = self._delivery.last_seq(st.sid)
+        if last is not None and message.seq <= last:
+            self._delivery.deliver(message)  # a duplicate: counted and dropped
+            return
+        if message.type == SNAPSHOT:
+            if st.book is None:
+                st.book = new_codec(st.stream)
+            st.book.follow(message)
+        elif st.book is not None and last is not None and message.seq == last + 1:
+            st.book.follow(message)
+        else:
+            self._refetch(st, message)
+            return
+        self._delivery.deliver(message)
+
+    def _refetch(self, st: _StreamState, message: Message) -> None:
+        """A follower's book lost its chain: hold the channel's Messages again and fetch the
+        stored book (the owner keeps it current), then carry on from there."""
+        st.book = None
+        self._delivery.rebase(st.sid)  # whatever the stored book's seq, the hub gets it next
+        if st.buffer is None:
+            st.buffer = []
+            self._fetch.add(st.sid)
+            self._wake.set()
+        if len(st.buffer) < _BUFFER_MAX:
+            st.buffer.append(message)
 
     def _enqueue(self, st: _StreamState, item: Any) -> None:
         queue = self._queue
@@ -573,9 +624,9 @@ class RedisBus:
             last = delivery.last_seq(st.sid)
             if last is None or stored.seq > last:
                 delivery.resync(st.sid)
-                delivery.deliver(stored)
+                self._follow(st, stored)
         for message in buffered:
-            delivery.deliver(message)
+            self._follow(st, message)
 
     # -- control: interest, leases, subscriptions ----------------------------------------
 
@@ -806,11 +857,18 @@ class RedisBus:
         command, keep = self._pub_command, str(_KEEP_LAST_MS)
         for st, items in groups.values():
             args: list[Any] = [self._node, command, st.channel, keep]
+            delta = st.stream.is_delta
             for item in items:
                 if isinstance(item, Message):
-                    args += (str(item.seq), item.epoch, encode_message(item))
+                    # a book's update is published, and the stored state is the whole book
+                    tag = f"+{item.seq}" if delta else str(item.seq)
+                    args += (tag, item.epoch, encode_message(item))
                 else:
                     args += item
+            if delta and st.role is OWNER:
+                book = self._feed.snapshot(st.stream)
+                if book is not None:  # else the book is being rebuilt: a reset marker follows
+                    args += (f"={book.seq}", book.epoch, encode_message(book))
             _evalsha(pipe, lua.PUBLISH, [st.k_lease, st.k_last], args)
         results = await self._execute(pipe)
         reload = False
