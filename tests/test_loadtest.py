@@ -80,6 +80,18 @@ def test_compression_scenario_counts_bytes_with_websockets_clients(tmp_path: Pat
     assert runs["proxy"]["bytes_per_delivery"] < runs["proxy-uncompressed"]["bytes_per_delivery"]
 
 
+def test_books_scenario_delivers_every_book_update(tmp_path: Path) -> None:
+    report = run_fanout(
+        tmp_path,
+        *("--scenario", "S5", "--targets", "proxy"),
+        *("--clients", "10", "--duration", "2", "--workers", "1"),
+    )
+    (run,) = report["runs"]
+    assert run["connected"] == run["subscribed"] == 10, run
+    assert run["streams"] == 5 and run["deliveries"] > 0, run
+    assert run["lost"] == 0 and run["duplicates"] == 0, run
+
+
 def test_workers_scenario_runs_one_process_against_two_workers(tmp_path: Path) -> None:
     report = run_fanout(
         tmp_path,
