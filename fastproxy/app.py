@@ -13,6 +13,7 @@ from fastproxy.bus import Bus, MemoryBus
 from fastproxy.codec import IMPLEMENTATION
 from fastproxy.config import Config
 from fastproxy.feed import Feed
+from fastproxy.history import History
 from fastproxy.hub import Hub
 from fastproxy.logs import setup_logging
 from fastproxy.metrics import metrics_renderer
@@ -53,6 +54,7 @@ class App:
         settings = UpstreamSettings(
             url=ws_url,
             ping_interval=config.upstream_ping_interval,
+            stale_after=config.upstream_stale_after,
             max_topics_per_conn=config.upstream_topics_per_connection,
         )
         self.catalogue = SymbolCatalogue(rest_url or default_rest_url(ws_url))
@@ -60,7 +62,13 @@ class App:
         # this node's hub gets (fastproxy.bus); the hub asks the bus for streams
         self.feed = Feed(settings)
         self.bus = self._make_bus(self.feed)
-        self.hub = Hub(self.bus, linger=config.unsubscribe_linger)
+        self.hub = Hub(
+            self.bus,
+            linger=config.unsubscribe_linger,
+            history=History(
+                config.history_max_messages, config.history_max_age, config.history_max_bytes
+            ),
+        )
         self.bus.attach(self.hub)
         self.server = ProxyServer(
             config,
@@ -120,6 +128,13 @@ class App:
         upstream = self.feed.pool.status()
         reasons = health_reasons(self.config, upstream, self.bus)
         body: dict[str, Any] = {"upstream": upstream, "bus": self.bus.status()}
+        assert self.hub is not None
+        stale = self.hub.freshness.stale_ids()
+        if stale:
+            reasons.append(f"{len(stale)} streams stale")
+        body["stale_streams"] = len(stale)
+        if stale:
+            body["stale"] = sorted(stale)[:20]
         if reasons:
             body["reason"] = "; ".join(reasons)
         return not reasons, body

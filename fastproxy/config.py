@@ -227,10 +227,35 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("UPSTREAM_PING_INTERVAL", _seconds(), "20", "seconds between JSON pings to Bybit"),
     Setting(
+        "UPSTREAM_STALE_AFTER",
+        _seconds(0.2),
+        "3",
+        "seconds without any frame from Bybit before a connection's streams are marked stale "
+        "(a quiet connection is pinged after half of it)",
+    ),
+    Setting(
         "UPSTREAM_TOPICS_PER_CONNECTION",
         _int_range(1),
         "200",
         "most topics on one Bybit connection",
+    ),
+    Setting(
+        "HISTORY_MAX_MESSAGES",
+        _int_range(0),
+        "1000",
+        "most recent Messages kept per stream for resumes (0: no history, no resume)",
+    ),
+    Setting(
+        "HISTORY_MAX_AGE",
+        _seconds(allow_zero=True),
+        "30",
+        "seconds a Message is kept for resumes",
+    ),
+    Setting(
+        "HISTORY_MAX_BYTES",
+        _int_range(0),
+        "134217728",
+        "bytes all streams' history may use together; the node's oldest Messages go first",
     ),
     Setting(
         "SHUTDOWN_TIMEOUT", _seconds(), "10", "seconds a graceful stop may take before exiting"
@@ -264,7 +289,11 @@ class Config:
     bybit_testnet: bool = False
     bybit_rest_url: str = ""
     upstream_ping_interval: float = 20.0
+    upstream_stale_after: float = 3.0
     upstream_topics_per_connection: int = 200
+    history_max_messages: int = 1000
+    history_max_age: float = 30.0
+    history_max_bytes: int = 134217728
     shutdown_timeout: float = 10.0
     demo: bool = field(default=False)
 

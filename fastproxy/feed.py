@@ -31,6 +31,9 @@ class _Unattached:
     def reject(self, stream: Stream, reason: str) -> None:
         return None
 
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        return None
+
 
 class Feed:
     def __init__(self, settings: UpstreamSettings) -> None:
@@ -39,7 +42,11 @@ class Feed:
         self._streams: dict[str, Stream] = {}  # topic -> stream
         self._handler: Handler = _Unattached()
         self.pool = UpstreamPool(
-            settings, on_data=self._on_data, on_failed=self._on_failed, on_reset=self._on_reset
+            settings,
+            on_data=self._on_data,
+            on_failed=self._on_failed,
+            on_reset=self._on_reset,
+            on_status=self._on_status,
         )
         self.messages_out = 0
         self.codec_errors = 0
@@ -90,6 +97,22 @@ class Feed:
         seq of the last Message delivered; None when there is none (yet, or while rebuilding)."""
         codec = self._codecs.get(stream.topic)
         return None if codec is None else codec.snapshot()
+
+    def is_live(self, stream: Stream) -> bool:
+        return (
+            stream.topic in self._streams
+            and self.pool.topic_state(stream.topic) == "live"
+            and stream.topic not in self.pool.stale
+        )
+
+    def freshness(self, stream: Stream) -> tuple[str, int] | None:
+        """(reason, since epoch ms) while `stream`'s upstream makes it stale, else None."""
+        return self.pool.stale.get(stream.topic)
+
+    def _on_status(self, topic: str, reason: str | None, since: int) -> None:
+        stream = self._streams.get(topic)
+        if stream is not None:
+            self._handler.status(stream, reason, since)
 
     def _on_data(self, topic: str, frame: dict, generation: int) -> None:
         codec = self._codecs.get(topic)

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fastproxy.bus import Bus
 from fastproxy.codec import Message, ws_text_frame
+from fastproxy.freshness import FreshnessBoard, status_payload
+from fastproxy.history import History, Position, decide
 from fastproxy.protocol import UPSTREAM_REJECTED, error_reply
 from fastproxy.streams import KINDS, Stream
-from fastproxy.wire import LastValues
+from fastproxy.wire import SNAPSHOT, LastValues, as_snapshot
 
 log = logging.getLogger("fastproxy.hub")
 
@@ -48,8 +51,12 @@ class Hub:
         bus: Bus,
         linger: float = 5.0,
         loop: asyncio.AbstractEventLoop | None = None,
+        history: History | None = None,
     ) -> None:
         self._bus = bus
+        # Recent frames of every held stream (lingering ones too: a client that reconnects
+        # within the linger resumes from here).
+        self.history = History() if history is None else history
         self._linger = linger
         self._loop = loop
         self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> local subscribers, plain
@@ -59,27 +66,72 @@ class Hub:
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._dirty: list[Subscriber] = []
         self._flush_scheduled = False
+        self.freshness = FreshnessBoard()
+        # Streams back to live: their next Message goes out as a snapshot.
+        self._resnap: set[str] = set()
         self.messages_in = 0
         self.deliveries = 0
         self.releases = 0
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
-        """Add streams to a session; each gets the current snapshot queued at once."""
+    def resume(self, positions: dict[Stream, Position]) -> dict[Stream, list[bytes]]:
+        """Of the streams a client asks to resume, those history can bridge: their frames after
+        the client's seq. Call right before `subscribe` with the result, in the same tick, so
+        that nothing is delivered in between."""
+        now = time.monotonic()
+        replays: dict[Stream, list[bytes]] = {}
+        for stream, position in positions.items():
+            sid = stream.stream_id
+            span = self.history.span(sid) if sid in self._subs else None
+            decision = decide(self.history, sid, position, span[0] if span else None, now)
+            if decision.replay is not None:
+                replays[stream] = decision.replay
+        return replays
+
+    def hold(self, streams: Iterable[Stream], for_seconds: float = 10.0) -> None:
+        """Acquire streams with no subscriber yet, so that their Messages (and history) flow
+        here while a resume is being prepared; released as usual if nobody subscribes."""
+        loop = self._loop or asyncio.get_running_loop()
         for stream in streams:
             sid = stream.stream_id
-            if sid not in self._streams:
+            if sid in self._subs:
+                continue
+            self._subs[sid] = set()
+            self._streams[sid] = stream
+            self._bus.acquire(stream)
+            self._release_timers[sid] = loop.call_later(
+                max(self._linger, for_seconds), self._release, stream
+            )
+
+    def subscribe(
+        self,
+        session: Subscriber,
+        streams: Iterable[Stream],
+        replays: dict[Stream, list[bytes]] | None = None,
+    ) -> None:
+        """Add streams to a session; each gets the current snapshot queued at once, or, for a
+        stream in `replays` (see `resume`), the Messages it missed."""
+        for stream in streams:
+            sid = stream.stream_id
+            if sid not in self._subs:
                 self._subs[sid] = set()
-                self._zsubs[sid] = set()
                 self._streams[sid] = stream
                 self._bus.acquire(stream)
             else:
                 timer = self._release_timers.pop(sid, None)
                 if timer is not None:
                     timer.cancel()
-            (self._zsubs if session.deflate else self._subs)[sid].add(session)
+            (self._zsubs if session.deflate else self._subs).setdefault(sid, set()).add(session)
             session.streams.add(stream)
+            stale = self.freshness.stale(sid)
+            if stale is not None:  # right after the ack, before any data
+                self.send_payload(session, status_payload(sid, *stale))
+            replay = replays.get(stream) if replays else None
+            if replay is not None:
+                for frame in replay:
+                    self.send(session, frame)
+                continue
             snapshot = self.snapshot(sid)
             if snapshot is not None:
                 frame = self._values.frame_of(snapshot) if session.deflate else snapshot.frame
@@ -123,6 +175,9 @@ class Hub:
         self._zsubs.pop(sid, None)
         self._streams.pop(sid, None)
         self._values.forget(sid)
+        self.freshness.forget(sid)
+        self._resnap.discard(sid)
+        self.history.forget(sid)
         self.releases += 1
         self._bus.release(stream)
 
@@ -148,13 +203,27 @@ class Hub:
         self.messages_in += 1
         values = self._values
         values.put(message)
-        zsubs = self._zsubs[sid]
-        if subs:
-            self._fan_out(message.frame, subs)
-        if zsubs:
-            self._fan_out(values.deflated(sid), zsubs)  # type: ignore[arg-type]
-        elif not subs:
+        frame = message.frame
+        if message.type == SNAPSHOT:  # the codec's own (after an upstream reset): with its epoch
+            frame = self.snapshot(sid).frame  # type: ignore[union-attr]
+        self.history.append(sid, message.epoch, message.seq, frame, time.monotonic())
+        zsubs = self._zsubs.get(sid)
+        if not subs and not zsubs:
             return
+        resnap = bool(self._resnap) and sid in self._resnap
+        if resnap:  # back to live: a fresh snapshot first
+            self._resnap.discard(sid)
+            frame = as_snapshot(message).frame
+        if subs:
+            self._fan_out(frame, subs)
+        if zsubs:
+            if resnap:
+                zframe = values.deflater.frame(as_snapshot(message).payload)
+            elif message.type == SNAPSHOT:
+                zframe = values.frame_of(self.snapshot(sid))  # type: ignore[arg-type]
+            else:
+                zframe = values.deflated(sid)  # type: ignore[assignment]
+            self._fan_out(zframe, zsubs)  # type: ignore[arg-type]
         if not self._flush_scheduled:
             self._schedule_flush()
 
@@ -196,6 +265,27 @@ class Hub:
         """The stream's upstream state was lost: a joiner must wait for the fresh snapshot."""
         self._values.forget(stream.stream_id)
 
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        """The stream went stale for `reason`, or live again (None): tell every local holder
+        (the bus calls this). Back to live, the next Message goes out as a snapshot."""
+        sid = stream.stream_id
+        subs = self._subs.get(sid)
+        if subs is None or not self.freshness.update(sid, reason, since):
+            return
+        if reason is None:
+            self._resnap.add(sid)
+        else:
+            self._resnap.discard(sid)
+        log.info(
+            "stream stale" if reason else "stream live again",
+            extra={"stream": sid, "reason": reason, "since": since, "clients": len(subs)},
+        )
+        holders = subs | self._zsubs.get(sid, set())
+        if holders:
+            frame = ws_text_frame(status_payload(sid, reason, since))
+            for session in holders:
+                self.send(session, frame)
+
     def reject(self, stream: Stream, reason: str) -> None:
         """The exchange refused the stream: tell every local holder and drop it."""
         sid = stream.stream_id
@@ -203,6 +293,9 @@ class Hub:
         subs |= self._zsubs.pop(sid, None) or set()
         self._streams.pop(sid, None)
         self._values.forget(sid)
+        self.freshness.forget(sid)
+        self._resnap.discard(sid)
+        self.history.forget(sid)
         timer = self._release_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -224,6 +317,15 @@ class Hub:
 
     # -- introspection -------------------------------------------------------------------
 
+    @property
+    def bus(self) -> Bus:
+        return self._bus
+
+    def last_kept(self, stream: Stream) -> tuple[str, int] | None:
+        """(epoch, seq) of the newest Message this node's history has for the stream."""
+        span = self.history.span(stream.stream_id)
+        return None if span is None else (span[0], span[2])
+
     def holds(self, stream: Stream) -> bool:
         return stream.stream_id in self._subs
 
@@ -243,6 +345,8 @@ class Hub:
             "subscriptions": sum(by_kind.values()),
             "subscriptions_by_kind": by_kind,
             "lingering": len(self._release_timers),
+            "stale_streams": len(self.freshness),
+            "history": self.history.stats(),
             "messages_in": self.messages_in,
             "deliveries": self.deliveries,
             "releases": self.releases,

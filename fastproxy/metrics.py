@@ -62,6 +62,22 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily(
             "fastproxy_streams", "Streams held on this node", value=hub["streams"]
         )
+        yield GaugeMetricFamily(
+            "fastproxy_stale_streams",
+            "Streams held on this node whose data may not be current (clients were told)",
+            value=hub.get("stale_streams", 0),
+        )
+        history = hub.get("history", {})
+        yield GaugeMetricFamily(
+            "fastproxy_history_bytes",
+            "Bytes the resume history holds (capped by HISTORY_MAX_BYTES)",
+            value=history.get("bytes", 0),
+        )
+        yield GaugeMetricFamily(
+            "fastproxy_history_messages",
+            "Messages the resume history holds",
+            value=history.get("messages", 0),
+        )
         yield CounterMetricFamily(
             "fastproxy_deliveries", "Messages queued to clients", value=hub["deliveries"]
         )

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from fastproxy.history import Position
 from fastproxy.streams import Stream, StreamError, parse_stream_arg
 
 OP_SUBSCRIBE = "subscribe"
@@ -44,6 +45,11 @@ MAX_FRAME_SIZE = 64 * 1024
 MAX_ARGS_PER_REQUEST = 1000
 MAX_ARG_LENGTH = 64
 MAX_REQ_ID_LENGTH = 128
+MAX_EPOCH_LENGTH = 64
+MAX_SEQ = 2**63 - 1
+RESUME_FORMAT = (
+    '\'resume\' must be an object mapping args to {"epoch": string, "seq": integer >= 0}'
+)
 
 
 class ProtocolViolation(Exception):
@@ -85,6 +91,7 @@ class Request:
     op: str
     args: list[str] = field(default_factory=list)
     req_id: Any = None  # None: the client sent none, and none is echoed
+    resume: dict[str, Position] | None = None  # arg as written -> where the client stands
 
 
 def _valid_req_id(value: Any) -> bool:
@@ -144,7 +151,38 @@ def parse_request(payload: bytes | str, max_args: int = MAX_ARGS_PER_REQUEST) ->
     limit = min(max_args, MAX_ARGS_PER_REQUEST)
     if len(args) > limit:
         raise RequestError(INVALID_ARGS, f"At most {limit} args per request", req_id)
-    return Request(op, args, req_id)
+    resume = obj.get("resume")
+    if resume is None:
+        return Request(op, args, req_id)
+    if op != OP_SUBSCRIBE:
+        raise RequestError(INVALID_ARGS, "'resume' is only valid with subscribe", req_id)
+    return Request(op, args, req_id, _parse_resume(resume, len(args), req_id))
+
+
+def _parse_resume(resume: Any, nargs: int, req_id: Any) -> dict[str, Position]:
+    if not isinstance(resume, dict):
+        raise RequestError(INVALID_ARGS, RESUME_FORMAT, req_id)
+    if len(resume) > nargs:
+        raise RequestError(INVALID_ARGS, "'resume' names more streams than 'args'", req_id)
+    positions: dict[str, Position] = {}
+    for arg, where in resume.items():
+        shown = arg if len(arg) <= MAX_ARG_LENGTH else arg[:MAX_ARG_LENGTH] + "..."
+        if not isinstance(where, dict):
+            raise RequestError(INVALID_ARGS, f"resume[{shown!r}]: {RESUME_FORMAT}", req_id)
+        epoch, seq = where.get("epoch"), where.get("seq")
+        if not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH_LENGTH:
+            raise RequestError(
+                INVALID_ARGS,
+                f"resume[{shown!r}].epoch must be a non-empty string of at most "
+                f"{MAX_EPOCH_LENGTH} characters",
+                req_id,
+            )
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+            raise RequestError(
+                INVALID_ARGS, f"resume[{shown!r}].seq must be an integer >= 0", req_id
+            )
+        positions[arg] = Position(epoch, seq)
+    return positions
 
 
 @dataclass(slots=True)
@@ -152,6 +190,10 @@ class SubscribePlan:
     accepted: list[str]  # args as the client wrote them
     new_streams: list[Stream]  # streams the client does not hold yet, in request order
     rejected: list[dict[str, str]]
+    # Of the new streams, those the client asked to resume, with its position; None when the
+    # request had no 'resume'. `arg_of` is the arg as the client wrote it, for the ack.
+    resume: dict[Stream, Position] | None = None
+    arg_of: dict[Stream, str] = field(default_factory=dict)
 
 
 def plan_subscribe(
@@ -160,13 +202,16 @@ def plan_subscribe(
     max_subscriptions: int,
     symbol_known: Callable[[str], bool | None] | None = None,
     req_id: Any = None,
+    resume: dict[str, Position] | None = None,
 ) -> SubscribePlan:
     """Decide what a subscribe request does. Raises RequestError(LIMIT_EXCEEDED) if the request
-    would take the client past its cap; then nothing of it is applied."""
+    would take the client past its cap, and RequestError(INVALID_ARGS) if `resume` names a
+    stream that is not in `args`; then nothing of it is applied."""
     accepted: list[str] = []
     new_streams: list[Stream] = []
     rejected: list[dict[str, str]] = []
     seen: set[Stream] = set()
+    arg_of: dict[Stream, str] = {}
     for arg in args:
         if len(arg) > MAX_ARG_LENGTH:
             rejected.append({"arg": arg[:MAX_ARG_LENGTH] + "...", "reason": "stream name too long"})
@@ -180,9 +225,11 @@ def plan_subscribe(
             rejected.append({"arg": arg, "reason": f"unknown symbol {stream.symbol}"})
             continue
         accepted.append(arg)
+        arg_of.setdefault(stream, arg)
         if stream not in held and stream not in seen:
             seen.add(stream)
             new_streams.append(stream)
+    positions = None if resume is None else _resume_streams(resume, args, arg_of, seen, req_id)
     if len(held) + len(new_streams) > max_subscriptions:
         raise RequestError(
             LIMIT_EXCEEDED,
@@ -190,7 +237,34 @@ def plan_subscribe(
             f"you hold {len(held)} and asked for {len(new_streams)} more",
             req_id,
         )
-    return SubscribePlan(accepted, new_streams, rejected)
+    return SubscribePlan(accepted, new_streams, rejected, positions, arg_of)
+
+
+def _resume_streams(
+    resume: dict[str, Position],
+    args: list[str],
+    arg_of: dict[Stream, str],
+    new: set[Stream],
+    req_id: Any,
+) -> dict[Stream, Position]:
+    """The resume entries by stream, for the streams this request adds. An entry must name
+    one of the request's args (in any spelling of the same stream)."""
+    positions: dict[Stream, Position] = {}
+    for arg, position in resume.items():
+        shown = arg if len(arg) <= MAX_ARG_LENGTH else arg[:MAX_ARG_LENGTH] + "..."
+        try:
+            stream = parse_stream_arg(arg) if len(arg) <= MAX_ARG_LENGTH else None
+        except StreamError:
+            stream = None
+        if stream is None or stream not in arg_of:
+            if arg in args:
+                continue  # the arg itself was refused; the ack says why
+            raise RequestError(
+                INVALID_ARGS, f"resume names {shown!r}, which is not one of the args", req_id
+            )
+        if stream in new:  # a refused arg, or one the client already holds, has nothing to resume
+            positions[stream] = position
+    return positions
 
 
 @dataclass(slots=True)
@@ -240,8 +314,20 @@ def _ack(op: str, message: str, plan: SubscribePlan | UnsubscribePlan, req_id: A
     )
 
 
-def subscribe_reply(plan: SubscribePlan, req_id: Any = None) -> bytes:
-    return _ack(OP_SUBSCRIBE, f"Subscribed to {len(plan.accepted)} streams", plan, req_id)
+def subscribe_reply(
+    plan: SubscribePlan, req_id: Any = None, resumed: list[Stream] | None = None
+) -> bytes:
+    """The ack; with `resumed` (a request that carried 'resume'), the args that resume."""
+    reply: dict[str, Any] = {
+        "op": OP_SUBSCRIBE,
+        "success": bool(plan.accepted),
+        "args": plan.accepted,
+        "message": f"Subscribed to {len(plan.accepted)} streams",
+        "rejected": plan.rejected or None,
+    }
+    if plan.resume is not None:
+        reply["resumed"] = [plan.arg_of[stream] for stream in resumed or ()]
+    return _with_req_id(reply, req_id)
 
 
 def unsubscribe_reply(plan: UnsubscribePlan, req_id: Any = None) -> bytes:

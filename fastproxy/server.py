@@ -27,6 +27,7 @@ from picows import (
 
 from fastproxy.config import Config
 from fastproxy.handshake import DeflateAgreement, check_upgrade, negotiate_deflate, serve_ws
+from fastproxy.history import splice
 from fastproxy.hub import Hub
 from fastproxy.logs import ThrottledLog
 from fastproxy.protocol import (
@@ -47,6 +48,7 @@ from fastproxy.protocol import (
     MessageAssembler,
     ProtocolViolation,
     RequestError,
+    SubscribePlan,
     SubscriptionBudget,
     error_reply,
     parse_request,
@@ -74,6 +76,8 @@ READ_BUFFER_INIT = 1024
 # asyncio's default of 100 overflows in a reconnect storm while the loop is busy with
 # handshakes, and each dropped SYN costs that client a 1 s retransmit.
 LISTEN_BACKLOG = 4096
+# How long a resume may wait for the cluster's history and this node to line up.
+RESUME_WAIT = 5.0
 
 _JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 
@@ -352,6 +356,7 @@ class ProxyServer:
         self.connections_total = 0
         self.requests = 0
         self.drops: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.ping_interval = max(1.0, min(30.0, config.client_idle_timeout / 3))
         self.hard_limit = config.write_buffer_hard_limit  # read on every flush
         # What clients cause is logged through these: rate-limited, a client's fault WARNING
@@ -396,6 +401,8 @@ class ProxyServer:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -504,14 +511,27 @@ class ProxyServer:
                         self.config.max_subscriptions_per_client,
                         self.symbol_known,
                         request.req_id,
+                        request.resume,
                     )
                     refusal = budget.admit(now, len(plan.new_streams))
                 if refusal is not None:
                     refusal.req_id, refusal.args_refused = request.req_id, request.args
                     raise refusal
-                session.reply(subscribe_reply(plan, request.req_id))  # the ack goes first
+                # decided and applied in this one tick: nothing is delivered in between
+                replays = self.hub.resume(plan.resume) if plan.resume else {}
+                if plan.resume and self.hub.bus.shared_history:
+                    shared = [s for s in plan.resume if s not in replays]
+                    if shared:  # the cluster's history may bridge what this node's cannot
+                        self.hub.hold(shared)
+                        task = asyncio.get_running_loop().create_task(
+                            self._resume_shared(session, plan, request.req_id, replays, shared)
+                        )
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                        return
+                session.reply(subscribe_reply(plan, request.req_id, list(replays)))  # ack first
                 if plan.new_streams:
-                    self.hub.subscribe(session, plan.new_streams)
+                    self.hub.subscribe(session, plan.new_streams, replays)
             else:
                 unplan = plan_unsubscribe(request.args, session.streams)
                 session.budget.charge_unsubscribe(now, len(unplan.streams))
@@ -519,6 +539,61 @@ class ProxyServer:
                 session.reply(unsubscribe_reply(unplan, request.req_id))
         except RequestError as exc:
             session.reply(exc.reply())
+
+    async def _resume_shared(
+        self,
+        session: ClientSession,
+        plan: SubscribePlan,
+        req_id: Any,
+        replays: dict[Stream, list[bytes]],
+        shared: list[Stream],
+    ) -> None:
+        """Resume from the cluster's history: once this node receives every Message of the
+        streams (so nothing can fall between), fetch what the client missed, wait until this
+        node has received up to where that ends, join the two, then ack and subscribe in one
+        tick. Anything that cannot be bridged in time takes the snapshot path."""
+        hub, bus = self.hub, self.hub.bus
+        assert plan.resume is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESUME_WAIT
+        try:
+            while not all(bus.ready(s) for s in shared) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            shared = [s for s in shared if bus.ready(s)]  # the others: snapshots
+            fetched = await asyncio.gather(
+                *(bus.history_after(s, plan.resume[s].epoch, plan.resume[s].seq) for s in shared),
+                return_exceptions=True,
+            )
+            for stream, got in zip(shared, fetched, strict=True):
+                if not isinstance(got, list):
+                    continue
+                position = plan.resume[stream]
+                upto = got[-1][0] if got else position.seq
+                while loop.time() < deadline:  # this node catches up with what was fetched
+                    kept = hub.last_kept(stream)
+                    if kept is not None and (kept[0] != position.epoch or kept[1] >= upto):
+                        break
+                    await asyncio.sleep(0.01)
+                replay = splice(hub.history, stream.stream_id, position, got, time.monotonic())
+                if replay is not None:
+                    replays[stream] = replay
+                else:
+                    log.info(
+                        "resume not bridged; a snapshot instead",
+                        extra={
+                            "stream": stream.stream_id,
+                            "fetched": len(got),
+                            "upto": upto,
+                            "here": hub.history.span(stream.stream_id),
+                        },
+                    )
+        except Exception:
+            log.exception("resume from shared history failed; sending snapshots")
+        if session.closed:
+            return
+        session.reply(subscribe_reply(plan, req_id, list(replays)))
+        if plan.new_streams:
+            hub.subscribe(session, plan.new_streams, replays)
 
     async def _housekeep(self) -> None:
         """Once a second: idle clients out, quiet clients pinged, slow clients dropped."""

@@ -164,25 +164,37 @@ def envelope_prefix(stream_id: str) -> bytes:
     return b'{"stream":' + orjson.dumps(stream_id) + b',"type":"'
 
 
+def epoch_suffix(epoch: str) -> bytes:
+    """`,"epoch":"<epoch>"}`: how a snapshot payload ends (clients resume with it)."""
+    return b',"epoch":' + orjson.dumps(epoch) + b"}"
+
+
 def as_snapshot(message: Message) -> Message:
-    """The same update marked `"type":"snapshot"`: what a new subscriber gets first.
+    """The same update marked `"type":"snapshot"` and carrying its `"epoch"` last: what a new
+    subscriber gets first (and what a client names, with a seq, to resume).
 
     Every Message carries its stream's complete current state, so a late joiner's snapshot is
     the last Message with its type changed; seq, epoch, timestamp and data stay the same, so the
     next live Message is exactly seq + 1. The payload is patched in place of a re-serialization.
+    A snapshot the codec made (after an upstream reset) only gets its epoch added.
     Works on either Message class and returns one of the same class.
     """
-    if message.type == SNAPSHOT:
-        return message
-    prefix = envelope_prefix(message.stream_id)
     payload = message.payload
-    update = prefix + b'update"'
-    if payload.startswith(update):
-        new = prefix + b'snapshot"' + payload[len(update) :]
-    else:  # not laid out by our codec (a foreign producer); take the slow, general way
-        doc = orjson.loads(payload)
-        doc["type"] = SNAPSHOT
-        new = orjson.dumps(doc)
+    suffix = epoch_suffix(message.epoch)
+    if message.type == SNAPSHOT:
+        if payload.endswith(suffix):
+            return message
+        new = payload[:-1] + suffix
+    else:
+        prefix = envelope_prefix(message.stream_id)
+        update = prefix + b'update"'
+        if payload.startswith(update):
+            new = prefix + b'snapshot"' + payload[len(update) : -1] + suffix
+        else:  # not laid out by our codec (a foreign producer); take the slow, general way
+            doc = orjson.loads(payload)
+            doc["type"] = SNAPSHOT
+            doc["epoch"] = message.epoch
+            new = orjson.dumps(doc)
     return type(message)(
         message.stream_id,
         message.seq,

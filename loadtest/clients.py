@@ -6,7 +6,7 @@ Per message it does only what the numbers need: find `"timestamp":` and `"seq":`
 bytes.rfind (no JSON parse), check seq is +1 on the stream, and count the delivery latency
 into a histogram (0.1 ms bins). The stream id is the payload's first field, so it is a slice.
 Every server under test writes data messages as `{"stream":"...", ..., "timestamp":T,
-"source":"mudrex","seq":N}`.
+"source":"mudrex","seq":N}` (a snapshot adds `,"epoch":"E"` after seq).
 
 A worker may hold slow readers (`WorkerSpec.slow`): picows clients with a 2 KiB receive buffer
 that read for 5 ms every 250 ms, so they take less than a ticker sends; they are counted apart,
@@ -152,7 +152,9 @@ class Probe(WSListener):
         self.data(payload)
 
     def data(self, payload: bytes) -> None:
-        seq = int(payload[payload.rfind(_SEQ) + 7 : -1])
+        i = payload.rfind(_SEQ) + 7
+        end = payload.find(b",", i)  # a snapshot names its "epoch" after seq
+        seq = int(payload[i : end if end > 0 else -1])
         sid = payload[11 : payload.index(b'"', 11)]
         tally = self.tally
         last = self.last

@@ -293,7 +293,9 @@ class FastproxyUser(User):
                 continue
             i = payload.rfind(_TS) + 13
             latency = time.time() * 1000.0 - int(payload[i : payload.index(b",", i)])
-            seq = int(payload[payload.rfind(_SEQ) + 7 : -1])
+            i = payload.rfind(_SEQ) + 7
+            end = payload.find(b",", i)  # a snapshot names its "epoch" after seq
+            seq = int(payload[i : end if end > 0 else -1])
             sid = payload[11 : payload.index(b'"', 11)]
             prev = last.get(sid)
             last[sid] = seq

@@ -83,12 +83,12 @@ async def subscribe(ws: ClientConnection, *args: str, req_id: Any = None) -> dic
 
 
 async def recv_data(ws: ClientConnection, stream: str, timeout: float = 10.0) -> dict[str, Any]:
-    """The next data message of `stream`, skipping others."""
+    """The next data message of `stream`, skipping others (and `status` messages)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         message = await recv(ws, max(0.01, deadline - loop.time()))
-        if message.get("stream") == stream:
+        if message.get("stream") == stream and "op" not in message:
             return message
 
 

@@ -144,6 +144,7 @@ class Client:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.got: list[tuple[float, bytes, dict[str, Any]]] = []
+        self.statuses: list[tuple[float, dict[str, Any]]] = []  # freshness, with arrival time
         self.task = asyncio.create_task(self._read())
 
     @classmethod
@@ -159,7 +160,9 @@ class Client:
         with contextlib.suppress(Exception):
             async for raw in self.ws:
                 message = orjson.loads(raw)
-                if "stream" in message:
+                if message.get("op") == "status":
+                    self.statuses.append((loop.time(), message))
+                elif "stream" in message:
                     self.got.append((loop.time(), raw, message))  # type: ignore[arg-type]
 
     def of(self, stream: str) -> list[dict[str, Any]]:

@@ -176,10 +176,14 @@ class Scripts:
             lua.LEAVE.body, 3, *self.keys, node, 5000, int(force), "PUBLISH", self.channel, marker
         )
 
-    async def publish(self, node: str, *pairs: Any) -> int:
+    @property
+    def hist(self) -> str:
+        return self.keys[2].removesuffix(":last") + ":hist"
+
+    async def publish(self, node: str, *pairs: Any, hist_len: int = 100) -> int:
         return await self.client.eval(
-            lua.PUBLISH.body, 2, self.keys[1], self.keys[2], node, "PUBLISH", self.channel,
-            86_400_000, *pairs,
+            lua.PUBLISH.body, 3, self.keys[1], self.keys[2], self.hist, node, "PUBLISH",
+            self.channel, 86_400_000, hist_len, 30_000, 1_700_000_000_000, *pairs,
         )  # fmt: skip
 
 
@@ -260,6 +264,28 @@ async def test_lease_is_kept_while_others_hold_and_released_by_the_last(
     assert await redis.hgetall(s.keys[2]) == {b"seq": b"5", b"epoch": b"e1"}
     owner, seq, _, epoch = await s.hold("c")
     assert (owner, seq, epoch) == (b"c", b"5", b"e1")
+
+
+async def test_publish_writes_the_history_stream_with_the_publish(
+    redis: Redis, prefix: str
+) -> None:
+    s = Scripts(redis, prefix, BTC)
+    await s.hold("a")
+    assert await s.publish("a", "1", "e1", b"m1", "", "", b"beat", "2", "e1", b"m2") == 1
+    assert await s.publish("a", "2", "e1", b"m2", "3", "e1", b"m3") == 1  # 2 again: kept once
+    entries = await redis.xrange(s.hist)
+    assert [(i, f[b"m"]) for i, f in entries] == [(b"0-1", b"m1"), (b"0-2", b"m2"), (b"0-3", b"m3")]
+    assert all(f[b"t"] == b"1700000000000" for _, f in entries)
+    assert 0 < await redis.pttl(s.hist) <= 30_000
+    # a new numbering starts the history again: nothing of e1 can bridge into e2
+    assert await s.publish("a", "1", "e2", b"n1") == 1
+    assert [i for i, _ in await redis.xrange(s.hist)] == [b"0-1"]
+    # capped: roughly the last hist_len entries stay (MAXLEN ~ trims whole nodes)
+    for seq in range(2, 400):
+        await s.publish("a", str(seq), "e2", b"n", hist_len=50)
+    assert 50 <= await redis.xlen(s.hist) < 400
+    assert await s.publish("b", "400", "e2", b"x") == 0  # fenced: no history written either
+    assert (await redis.xrevrange(s.hist, count=1))[0][0] == b"0-399"
 
 
 async def test_publish_is_fenced_by_the_lease(redis: Redis, prefix: str) -> None:

@@ -159,7 +159,11 @@ def check_frame(message) -> dict:
     assert first == 0x81
     assert n == len(message.payload) and message.frame[h:] == message.payload
     doc = orjson.loads(message.payload)
-    assert list(doc) == ["stream", "type", "data", "timestamp", "source", "seq"]
+    keys = ["stream", "type", "data", "timestamp", "source", "seq"]
+    if "epoch" in doc:  # a snapshot as clients get it (as_snapshot) names its epoch last
+        assert doc["type"] == "snapshot" and doc["epoch"] == message.epoch
+        keys.append("epoch")
+    assert list(doc) == keys
     assert doc["stream"] == message.stream_id and doc["type"] == message.type
     assert doc["seq"] == message.seq and doc["timestamp"] == message.ts
     assert doc["source"] == "mudrex"
@@ -481,7 +485,11 @@ def test_trade_snapshot_is_last_batch(impl: tuple) -> None:
     [last] = codec.feed(frames(TRADE_DOCS))
     snap = codec.snapshot()
     assert (snap.type, snap.seq) == ("snapshot", 2)
-    assert snap.payload == last.payload.replace(b'"type":"update"', b'"type":"snapshot"')
+    assert (
+        snap.payload
+        == last.payload.replace(b'"type":"update"', b'"type":"snapshot"')[:-1]
+        + b',"epoch":"%s"}' % last.epoch.encode()
+    )
 
 
 def test_reset_drops_state_and_keeps_numbering(impl: tuple) -> None:
@@ -676,15 +684,18 @@ def test_as_snapshot_keeps_seq_and_data(impl: tuple) -> None:
     snap = as_snapshot(msg)
     assert type(snap) is type(msg)
     assert (snap.seq, snap.ts, snap.type) == (msg.seq, msg.ts, "snapshot")
-    assert orjson.loads(snap.payload) == dict(orjson.loads(msg.payload), type="snapshot")
+    assert orjson.loads(snap.payload) == dict(
+        orjson.loads(msg.payload), type="snapshot", epoch=msg.epoch
+    )
     check_frame(snap)
     assert as_snapshot(snap) is snap
 
 
 def test_as_snapshot_of_foreign_layout() -> None:
     payload = orjson.dumps({"type": "update", "stream": "s", "seq": 4, "data": {}})
-    snap = as_snapshot(PyMessage("s", 4, "update", 1, payload))
+    snap = as_snapshot(PyMessage("s", 4, "update", 1, payload, None, "e1"))
     assert orjson.loads(snap.payload)["type"] == "snapshot"
+    assert orjson.loads(snap.payload)["epoch"] == "e1"
 
 
 def test_new_codec_uses_selected_implementation() -> None:

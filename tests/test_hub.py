@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from fastproxy.codec import Message, new_codec
+from fastproxy.history import Position
 from fastproxy.hub import Hub
 from fastproxy.streams import Stream, parse_stream_arg
 
@@ -165,3 +166,56 @@ async def test_reset_forgets_the_snapshot_until_fresh_state_arrives() -> None:
     feed(codec, SNAPSHOT, hub)
     await tick()
     assert [m["type"] for m in late.messages()] == ["snapshot"]
+
+
+# -- freshness and resume ------------------------------------------------------------------
+
+
+async def test_status_goes_to_every_holder_and_to_a_joiner_before_its_snapshot() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    early, late = FakeSession(), FakeSession()
+    hub.subscribe(early, [TICKER])
+    feed(codec, SNAPSHOT, hub)
+    hub.status(TICKER, "nothing received from the exchange for 3 s", 1000)
+    hub.status(TICKER, "upstream connection down; reconnecting", 2000)  # same stale period
+    hub.subscribe(late, [TICKER])
+    assert hub.stats()["stale_streams"] == 1
+    hub.status(TICKER, None, 3000)
+    feed(codec, delta("101.0", 4000), hub)
+    feed(codec, delta("102.0", 5000), hub)
+    await tick()
+    kinds = [m.get("state") or m["type"] for m in early.messages()]
+    assert kinds == ["snapshot", "stale", "live", "snapshot", "update"]
+    assert [m.get("state") or m["type"] for m in late.messages()] == [
+        "stale",  # right after the ack (sent by the server before subscribe)
+        "snapshot",  # the last known state
+        "live",
+        "snapshot",
+        "update",
+    ]
+    stale = early.messages()[1]
+    assert (stale["since"], stale["reason"]) == (1000, "nothing received from the exchange for 3 s")
+    seqs = [m["seq"] for m in early.messages() if "seq" in m]
+    assert seqs == [1, 2, 3]  # the snapshot after live is the next Message, no repeat
+    assert hub.stats()["stale_streams"] == 0
+
+
+async def test_resume_replays_what_was_missed_then_live_in_the_same_tick() -> None:
+    hub = Hub(FakeBus(), linger=5)
+    codec = new_codec(TICKER)
+    holder, back = FakeSession(), FakeSession()
+    hub.subscribe(holder, [TICKER])
+    first = feed(codec, SNAPSHOT, hub)[0]
+    for i in range(5):
+        feed(codec, delta(f"10{i}.0", 2000 + i), hub)
+    replays = hub.resume({TICKER: Position(first.epoch, 2)})
+    assert list(replays) == [TICKER] and len(replays[TICKER]) == 4  # seq 3..6
+    hub.subscribe(back, [TICKER], replays)
+    feed(codec, delta("200.0", 3000), hub)
+    await tick()
+    got = back.messages()
+    assert [(m["type"], m["seq"]) for m in got] == [("update", s) for s in range(3, 8)]
+    assert hub.resume({TICKER: Position("another", 2)}) == {}  # stale epoch
+    assert hub.resume({TICKER: Position(first.epoch, 99)}) == {}  # a seq from the future
+    assert hub.resume({TICKER: Position(first.epoch, 7)}) == {TICKER: []}  # up to date

@@ -34,6 +34,8 @@ def settings(**overrides: Any) -> UpstreamSettings:
         "silence_timeout": 30.0,
         "request_timeout": 10.0,
         "empty_conn_linger": 30.0,
+        # no early probe pings: these tests drive the ping schedule by hand
+        "stale_after": 1000.0,
     }
     values.update(overrides)
     return UpstreamSettings(**values)

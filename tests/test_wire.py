@@ -22,7 +22,12 @@ def test_epochs_are_fresh_strings() -> None:
 def test_snapshot_keeps_seq_and_epoch() -> None:
     snap = as_snapshot(message(4, epoch="abc"))
     assert (snap.seq, snap.epoch, snap.type) == (4, "abc", "snapshot")
-    assert orjson.loads(snap.payload)["type"] == "snapshot"
+    doc = orjson.loads(snap.payload)
+    assert doc["type"] == "snapshot" and list(doc)[-1] == "epoch" and doc["epoch"] == "abc"
+    assert as_snapshot(snap) is snap
+    # a snapshot the codec made gets its epoch added, once
+    made = as_snapshot(message(5, "snapshot", epoch="abc"))
+    assert orjson.loads(made.payload)["epoch"] == "abc" and as_snapshot(made) is made
 
 
 def test_last_values_builds_each_snapshot_once() -> None:

@@ -41,6 +41,10 @@ class Handler(Protocol):
     def reject(self, stream: Stream, reason: str) -> None:
         """The exchange refused the stream: it is dropped, and its holders must be told."""
 
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        """Freshness: the stream went stale for `reason`, or live again when it is None;
+        `since` is epoch ms of when that began (fastproxy.freshness)."""
+
 
 class Source(Protocol):
     """What an engine needs of the feed: where the node's own Messages come from."""
@@ -62,21 +66,26 @@ class Source(Protocol):
     def snapshot(self, stream: Stream) -> Message | None:
         """The stream's state at its last seq (a book: the whole book); None when unknown."""
 
+    def is_live(self, stream: Stream) -> bool:
+        """The exchange confirmed `stream`'s topic and its connection is not stale."""
+
 
 class Callbacks:
-    """A Handler made of three functions (an engine's inputs from the feed)."""
+    """A Handler made of four functions (an engine's inputs from the feed)."""
 
-    __slots__ = ("deliver", "reject", "reset")
+    __slots__ = ("deliver", "reject", "reset", "status")
 
     def __init__(
         self,
         deliver: Callable[[Message], object],
         reset: Callable[[Stream], object],
         reject: Callable[[Stream, str], object],
+        status: Callable[[Stream, str | None, int], object],
     ) -> None:
         self.deliver = deliver
         self.reset = reset
         self.reject = reject
+        self.status = status
 
 
 class Bus(Protocol):
@@ -102,6 +111,18 @@ class Bus(Protocol):
     def snapshot(self, stream: Stream) -> Message | None:
         """The current state of a delta stream (a whole book) as a snapshot Message at the seq
         of the last Message delivered for it, or None when there is none."""
+
+    # True when `history_after` reads history shared by the cluster (resume on any node)
+    shared_history: bool
+
+    def ready(self, stream: Stream) -> bool:
+        """This node receives every Message of `stream` from here on."""
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        """(seq, frame) of the stream's Messages after `seq` in `epoch` from shared history,
+        or None when it cannot bridge the gap (or the engine keeps none)."""
 
     def status(self) -> dict[str, Any]:
         """For /stats and /health: at least `engine` and `healthy`."""

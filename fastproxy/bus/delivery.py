@@ -125,6 +125,11 @@ class Delivery:
         if self.holds(stream.stream_id) and self._handler is not None:
             self._handler.reset(stream)
 
+    def status(self, stream: Stream, reason: str | None, since: int) -> None:
+        """Freshness of a held stream goes on to the handler (the hub)."""
+        if self.holds(stream.stream_id) and self._handler is not None:
+            self._handler.status(stream, reason, since)
+
     def reject(self, stream: Stream, reason: str) -> None:
         """The stream is refused: its line ends and the handler is told."""
         self.forget(stream.stream_id)

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 class MemoryBus:
     name = "memory"
+    # one node: the hub's own history is all the history there is
+    shared_history = False
 
     def __init__(self, feed: Source) -> None:
         self._feed = feed
@@ -41,6 +43,14 @@ class MemoryBus:
 
     def snapshot(self, stream: Stream) -> Message | None:
         return self._feed.snapshot(stream)
+
+    def ready(self, stream: Stream) -> bool:
+        return True
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        return None
 
     def status(self) -> dict[str, Any]:
         return {

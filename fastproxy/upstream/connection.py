@@ -68,6 +68,9 @@ class _Listener(WSListener):
         now = _monotonic()
         state.last_frame_at = now
         pool = self.pool
+        if state.silent:  # the exchange speaks again: its streams are fresh before this frame
+            state.silent = False
+            pool.refresh(state)
         try:
             msg = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -79,6 +82,8 @@ class _Listener(WSListener):
         topic = msg.get("topic")
         if topic is not None:
             if state.accept_data(topic, now):
+                if state.newly_confirmed:  # live (if it was stale) before its data
+                    pool.confirmed(state)
                 pool.messages_in += 1
                 try:
                     pool.on_data(topic, msg, state.generation)
@@ -89,6 +94,8 @@ class _Listener(WSListener):
             failed = state.on_control(msg, now)
             if failed:
                 pool.report_refused(state, failed)
+            if state.newly_confirmed:
+                pool.confirmed(state)
             if state.has_todo:
                 self.runner.wake.set()
         except Exception:
@@ -187,7 +194,7 @@ class Runner:
         if transport is not self.transport:
             return
         self.transport = None
-        stale = self.state.closed()
+        stale = self.state.closed(_monotonic())
         self.disconnected.set()
         self.wake.set()
         self.pool.connection_closed(self, stale)
@@ -280,6 +287,14 @@ class Runner:
             tick = state.poll(now)
             if tick.failed:
                 self.pool.report_refused(state, tick.failed)
+            if state.newly_confirmed:
+                self.pool.confirmed(state)
+            if tick.silent:
+                log.warning(
+                    "upstream connection silent; its streams are stale",
+                    extra={"conn": state.ident, "topics": state.wanted},
+                )
+                self.pool.refresh(state)
             if tick.dead is not None:
                 log.warning(
                     "upstream connection dead; reconnecting",

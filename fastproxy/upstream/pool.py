@@ -18,7 +18,7 @@ from typing import Any
 from fastproxy.upstream.connection import Runner
 from fastproxy.upstream.plan import PoolPlan
 from fastproxy.upstream.policy import ConnectionBudget
-from fastproxy.upstream.protocol import ConnectionState
+from fastproxy.upstream.protocol import WIRE_SUBSCRIBED, ConnectionState
 from fastproxy.upstream.settings import UpstreamSettings
 
 log = logging.getLogger("fastproxy.upstream")
@@ -26,6 +26,12 @@ log = logging.getLogger("fastproxy.upstream")
 DataCallback = Callable[[str, dict, int], None]
 FailedCallback = Callable[[str, str], None]
 ResetCallback = Callable[[str], None]
+# (topic, reason or None, since): a topic went stale (reason) or live again (None); `since` is
+# epoch ms of when that began.
+StatusCallback = Callable[[str, str | None, int], None]
+
+REASON_DOWN = "upstream connection down; reconnecting"
+REASON_SILENT = "nothing received from the exchange for {:g} s"
 
 _CALLBACK_LOG_INTERVAL = 10.0
 
@@ -38,12 +44,16 @@ class UpstreamPool:
         on_failed: FailedCallback,
         on_reset: ResetCallback,
         *,
+        on_status: StatusCallback | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.on_data = on_data
         self._on_failed = on_failed
         self._on_reset = on_reset
+        self._on_status = on_status
+        # Freshness: wanted topics that are stale now -> (reason, since epoch ms).
+        self.stale: dict[str, tuple[str, int]] = {}
         self.rng = rng or random.Random()
         self.plan = PoolPlan(settings)
         self.budget = ConnectionBudget(settings.conn_budget, settings.conn_budget_window)
@@ -86,9 +96,14 @@ class UpstreamPool:
     def subscribe(self, topics: Iterable[str]) -> None:
         if isinstance(topics, str):
             topics = (topics,)
+        topics = list(topics)
         touched, rejected = self.plan.subscribe(topics)
         for conn in touched:
             self._kick(conn)
+        for topic in topics:
+            conn = self.plan.where.get(topic)
+            if conn is not None:
+                self.refresh(conn, (topic,))
         for topic, reason in rejected:
             self.plan.remember_failed(topic, reason)
             # Not from inside subscribe(): the caller may be halfway through its own bookkeeping.
@@ -98,6 +113,9 @@ class UpstreamPool:
     def unsubscribe(self, topics: Iterable[str]) -> None:
         if isinstance(topics, str):
             topics = (topics,)
+        topics = list(topics)
+        for topic in topics:
+            self.stale.pop(topic, None)
         for conn in self.plan.unsubscribe(topics, time.monotonic()):
             runner = self.runners.get(conn.ident)
             if runner is not None:
@@ -142,7 +160,57 @@ class UpstreamPool:
             "bad_frames": self.bad_frames,
             "callback_errors": self.callback_errors,
             "down_since": self.down_since,
+            "stale_topics": len(self.stale),
         }
+
+    # -- freshness -----------------------------------------------------------------------------
+
+    def refresh(self, conn: ConnectionState, topics: Iterable[str] | None = None) -> None:
+        """Bring the freshness of `conn`'s wanted topics (all, or `topics`) up to date and report
+        each change. A topic is stale while its connection is lost or failing to connect, while
+        the connection is silent, and after that until the exchange confirms the topic again;
+        a new topic on a healthy connection waiting for its first ack is not stale."""
+        if self.stopping:
+            return
+        now = time.monotonic()
+        if not conn.open:
+            began = conn.down_since
+            reason = REASON_DOWN if began is not None else None
+        elif conn.silent:
+            began = conn.last_frame_at
+            reason = REASON_SILENT.format(self.settings.stale_after)
+        else:
+            began = now
+            reason = None
+        stale = self.stale
+        for topic in conn.desired_topics() if topics is None else topics:
+            entry = conn.topics.get(topic)
+            if entry is None or not entry.desired or self.plan.where.get(topic) is not conn:
+                continue
+            if reason is not None:
+                if topic not in stale:
+                    self._report(topic, reason, began or now, now)
+            elif topic in stale and conn.open and entry.wire == WIRE_SUBSCRIBED:
+                self._report(topic, None, now, now)
+
+    def _report(self, topic: str, reason: str | None, began: float, now: float) -> None:
+        since = int((time.time() - (now - began)) * 1000)
+        if reason is None:
+            del self.stale[topic]
+        else:
+            self.stale[topic] = (reason, since)
+        if self._on_status is None:
+            return
+        try:
+            self._on_status(topic, reason, since)
+        except Exception:
+            self.callback_failed("on_status", topic)
+
+    def confirmed(self, conn: ConnectionState) -> None:
+        """Topics of `conn` the exchange just confirmed (ack or data): stale ones go live."""
+        topics, conn.newly_confirmed = conn.newly_confirmed, []
+        if self.stale:
+            self.refresh(conn, topics)
 
     # -- runner management ---------------------------------------------------------------------
 
@@ -181,6 +249,7 @@ class UpstreamPool:
         if runner.connects > 1:
             self.reconnects += 1
         state = runner.state
+        state.newly_confirmed.clear()
         log.info(
             "upstream connected",
             extra={"conn": state.ident, "generation": state.generation, "topics": state.wanted},
@@ -192,6 +261,7 @@ class UpstreamPool:
         self._update_up()
         if self.stopping:
             return
+        self.refresh(runner.state)
         if stale:
             log.warning(
                 "upstream connection lost",
@@ -205,6 +275,10 @@ class UpstreamPool:
 
     def connect_failed(self, runner: Runner, reason: str) -> None:
         self.connect_failures += 1
+        state = runner.state
+        if state.down_since is None:
+            state.down_since = time.monotonic()
+            self.refresh(state)
         log.warning(
             "upstream connect failed",
             extra={
@@ -231,6 +305,7 @@ class UpstreamPool:
 
     def report_refused(self, conn: ConnectionState, failed: list[tuple[str, str]]) -> None:
         for topic, reason in failed:
+            self.stale.pop(topic, None)
             if self.plan.refused(conn, topic, reason):
                 self._notify_failed(topic, reason)
         self._update_up()

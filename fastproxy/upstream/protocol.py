@@ -104,12 +104,13 @@ class Tick:
     """What the timer asks of the shell: send a ping, declare the connection dead, close it as
     idle, and topics the exchange refused for good (from request timeouts)."""
 
-    __slots__ = ("dead", "failed", "idle", "ping")
+    __slots__ = ("dead", "failed", "idle", "ping", "silent")
 
     def __init__(self) -> None:
         self.ping: bytes | None = None
         self.dead: str | None = None
         self.idle = False
+        self.silent = False  # the connection just went silent: its streams are now stale
         self.failed: list[tuple[str, str]] = []
 
 
@@ -136,6 +137,13 @@ class ConnectionState:
         self.data_seen = False
         self.pongs = 0
         self.empty_since: float | None = None
+        # Freshness: nothing received for `stale_after` while open (cleared by any frame), and
+        # since when (monotonic) the connection has been lost or failing to connect; None while
+        # open and before the first attempt.
+        self.silent = False
+        self.down_since: float | None = None
+        # Topics whose subscription data or an ack just confirmed, for the pool's freshness.
+        self.newly_confirmed: list[str] = []
 
     # -- placement --------------------------------------------------------------------------
 
@@ -227,16 +235,21 @@ class ConnectionState:
         self.next_ping_at = now + self.settings.ping_interval
         self.data_seen = False
         self.pongs = 0
+        self.silent = False
+        self.down_since = None
         self._forget_wire()
         for entry in self.topics.values():
             self._todo[entry.topic] = None
         if self.wanted == 0 and self.empty_since is None:
             self.empty_since = now
 
-    def closed(self) -> list[str]:
+    def closed(self, now: float | None = None) -> list[str]:
         """The connection is gone. Returns the wanted topics, whose state is now stale."""
         self.open = False
         self.ping_sent_at = None
+        self.silent = False
+        if self.down_since is None and now is not None:
+            self.down_since = now
         self._forget_wire()
         return self.desired_topics()
 
@@ -320,6 +333,7 @@ class ConnectionState:
             entry.wire = WIRE_SUBSCRIBED
             entry.req = None
             entry.tries = 0
+            self.newly_confirmed.append(topic)
         self.last_data_at = now
         self.data_seen = True
         return True
@@ -411,7 +425,9 @@ class ConnectionState:
     def _confirmed(self, entry: TopicEntry) -> None:
         entry.wire = WIRE_SUBSCRIBED
         entry.tries = 0
-        if not entry.desired:
+        if entry.desired:
+            self.newly_confirmed.append(entry.topic)
+        else:
             self._todo[entry.topic] = None
 
     def _resend(self, entry: TopicEntry) -> None:
@@ -463,9 +479,12 @@ class ConnectionState:
             tick.dead = f"no pong within {s.pong_timeout:g} s"
         elif now - self.last_frame_at >= s.silence_deadline:
             tick.dead = f"nothing received for {s.silence_deadline:g} s"
+        quiet = now - self.last_frame_at
+        if not self.silent and quiet >= s.stale_after:
+            self.silent = tick.silent = True
         if tick.dead is not None:
             return tick
-        if self.ping_sent_at is None and now >= self.next_ping_at:
+        if self.ping_sent_at is None and (now >= self.next_ping_at or quiet >= s.probe_after):
             tick.ping = self._ping(now)
         if (
             self.empty_since is not None
@@ -482,10 +501,12 @@ class ConnectionState:
             return now + 1.0
         s = self.settings
         when = self.last_frame_at + s.silence_deadline
+        if not self.silent:
+            when = min(when, self.last_frame_at + s.stale_after)
         if self.ping_sent_at is not None:
             when = min(when, self.ping_sent_at + s.pong_timeout)
         else:
-            when = min(when, self.next_ping_at)
+            when = min(when, self.next_ping_at, self.last_frame_at + s.probe_after)
         for request in self.requests.values():
             when = min(when, request.sent_at + s.request_timeout)
         if self.empty_since is not None:

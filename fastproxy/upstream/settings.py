@@ -13,6 +13,10 @@ class UpstreamSettings:
     ping_interval: float = 20.0
     pong_timeout: float = 10.0
     silence_timeout: float = 30.0
+    # Freshness: a connection from which nothing (data or pong) arrived for this long has its
+    # streams marked stale. A connection quiet for half of it is probed with an early ping, so
+    # a healthy one carrying only quiet topics answers in time and is never marked stale.
+    stale_after: float = 3.0
     max_topics_per_conn: int = 200
     # Bybit: "args" of one public connection may not exceed 21,000 characters.
     max_args_chars_per_conn: int = 21000
@@ -37,11 +41,17 @@ class UpstreamSettings:
         two healthy pongs."""
         return max(self.silence_timeout, self.ping_interval + self.pong_timeout)
 
+    @property
+    def probe_after(self) -> float:
+        """Silence after which a ping goes out early, to tell a quiet connection from a dead one."""
+        return self.stale_after / 2
+
     def __post_init__(self) -> None:
         positive = (
             "ping_interval",
             "pong_timeout",
             "silence_timeout",
+            "stale_after",
             "backoff_base",
             "backoff_cap",
             "conn_budget_window",

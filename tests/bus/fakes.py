@@ -59,6 +59,9 @@ class FakeFeed:
     def snapshot(self, stream: Stream) -> Message | None:
         return None  # keeps no state of its own (the engines ask this of delta streams only)
 
+    def is_live(self, stream: Stream) -> bool:
+        return stream.topic in self.streams
+
     @property
     def owned(self) -> set[str]:
         return {stream.stream_id for stream in self.streams.values()}

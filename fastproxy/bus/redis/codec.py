@@ -13,6 +13,8 @@ KIND_MESSAGE = 0
 KIND_RESET = 1  # the owner's upstream state was lost; the next Message is a snapshot
 KIND_REJECT = 2  # the exchange refused the stream; body: the reason
 KIND_HANDOVER = 3  # the owner gave the lease up while others hold the stream: elect now
+KIND_BEAT = 4  # the owner is alive (sent on streams that published nothing for a while)
+KIND_STATUS = 5  # the owner's upstream freshness changed; body: liveness.status_text
 _TYPES = ("update", "snapshot")
 _TYPE_CODES = {"update": 0, "snapshot": 1}
 

@@ -10,8 +10,12 @@ Keys (P is the bus prefix, S the stream id):
 - `P:{S}:interest`  ZSET node id -> expiry (ms, server time); live count = members not expired.
 - `P:{S}:lease`     string node id, PX lease time: the one node subscribed upstream.
 - `P:{S}:last`      HASH seq -> last published seq, epoch -> its epoch, msg -> last published
-                    Message (wire form). seq and epoch outlive msg, so a later owner continues
-                    the numbering.
+                    Message (wire form), status -> the owner's last freshness marker. seq and
+                    epoch outlive msg, so a later owner continues the numbering.
+- `P:{S}:hist`      STREAM of the last published Messages of the current epoch, for resumes on
+                    any node: entry id `0-<seq>`, fields t (publish time, ms) and m (wire
+                    form); capped at HISTORY_MAX_MESSAGES, written by PUBLISH with the publish
+                    itself, gone when the stream published nothing for HISTORY_MAX_AGE.
 - `P:nodes`         ZSET node id -> expiry: the live nodes, for observability.
 The channel `P:{S}:ch` (PUBLISH, or SPUBLISH on a cluster) carries the owner's Messages.
 """
@@ -97,16 +101,23 @@ return {'', n}
 # The owner publishes a batch of one stream's Messages, fenced by the lease: a node that lost
 # its lease (a stall, an outage) cannot publish or overwrite the stored state any more.
 # Triples (seq, epoch, blob): seq '' is a control marker (published only), '-' a reset marker
-# (published, and the stored Message dropped: the owner's upstream state is gone), '+N' a
+# (published, and the stored Message dropped: the owner's upstream state is gone), '!' a
+# freshness marker (published, and stored as `status` for nodes that join later), '+N' a
 # Message that is published but not stored (a book's update), '=N' the stream's state, stored
-# but not published (the whole book). Returns 1, or 0 if the lease is someone else's.
-# KEYS: lease, last. ARGV: node, publish command, channel, keep ms, then seq/epoch/blob triples.
+# but not published (the whole book). Returns 1, or 0 if the lease is someone else's. Each
+# published Message also goes into the history stream, in the same script, so what a resume
+# reads is exactly what was published.
+# KEYS: lease, last, hist. ARGV: node, publish command, channel, keep ms, history length (0:
+# none), history ms, now ms, then seq/epoch/blob triples.
 PUBLISH = Script(
     "publish",
     """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local seq, epoch, blob = nil, nil, nil
-for i = 5, #ARGV, 3 do
+local hist_len = tonumber(ARGV[5])
+local kept_epoch = redis.call('HGET', KEYS[2], 'epoch')
+local kept_seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
+for i = 8, #ARGV, 3 do
   local tag = ARGV[i]
   local head = string.sub(tag, 1, 1)
   if head == '=' then
@@ -118,13 +129,30 @@ for i = 5, #ARGV, 3 do
     if tag == '-' then
       redis.call('HDEL', KEYS[2], 'msg')
       blob = nil
-    elseif head == '+' then
-      seq = string.sub(tag, 2)
-      epoch = ARGV[i + 1]
+    elseif tag == '!' then
+      redis.call('HSET', KEYS[2], 'status', ARGV[i + 2])
     elseif tag ~= '' then
-      seq = tag
-      epoch = ARGV[i + 1]
-      blob = ARGV[i + 2]
+      if head == '+' then
+        seq = string.sub(tag, 2)
+        epoch = ARGV[i + 1]
+      else
+        seq = tag
+        epoch = ARGV[i + 1]
+        blob = ARGV[i + 2]
+      end
+      if hist_len > 0 then
+        -- history holds one epoch's consecutive seqs: a new numbering starts it again
+        if epoch ~= kept_epoch then
+          redis.call('DEL', KEYS[3])
+          kept_epoch, kept_seq = epoch, 0
+        end
+        local n = tonumber(seq)
+        if n > kept_seq then
+          redis.call('XADD', KEYS[3], 'MAXLEN', '~', hist_len, '0-' .. seq, 't', ARGV[7], 'm',
+            ARGV[i + 2])
+          kept_seq = n
+        end
+      end
     end
   end
 end
@@ -134,6 +162,7 @@ elseif seq then
   redis.call('HSET', KEYS[2], 'seq', seq, 'epoch', epoch)
 end
 if seq or blob then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+if seq and hist_len > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[6]) end
 return 1
 """,
 )

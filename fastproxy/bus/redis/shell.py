@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,14 +46,23 @@ from fastproxy.bus import Callbacks
 from fastproxy.bus.delivery import Delivery
 from fastproxy.bus.redis import lua
 from fastproxy.bus.redis.codec import (
+    KIND_BEAT,
     KIND_HANDOVER,
     KIND_MESSAGE,
     KIND_REJECT,
     KIND_RESET,
+    KIND_STATUS,
     decode_message,
     encode_marker,
     encode_message,
     marker_text,
+)
+from fastproxy.bus.redis.liveness import (
+    CHECK_EVERY,
+    REASON_OWNER_SILENT,
+    OwnerWatch,
+    parse_status,
+    status_text,
 )
 from fastproxy.bus.redis.options import parse_redis_url, with_host, without_db
 from fastproxy.codec import Message, new_codec
@@ -88,6 +98,7 @@ class _StreamState:
         "confirms",
         "force",
         "held",
+        "k_hist",
         "k_interest",
         "k_last",
         "k_lease",
@@ -106,6 +117,7 @@ class _StreamState:
         self.k_interest = f"{tag}:interest"
         self.k_lease = f"{tag}:lease"
         self.k_last = f"{tag}:last"
+        self.k_hist = f"{tag}:hist"
         self.channel = f"{tag}:ch".encode()
         self.held = False  # local clients hold it
         self.role = NONE
@@ -226,6 +238,8 @@ class RedisBus:
     """The Bus on Redis. See the module docstring for the design."""
 
     name = "redis"
+    # the owner writes each stream's history to Redis with the publish: any node can resume
+    shared_history = True
 
     def __init__(self, feed: Source, config: Config, *, node_id: str | None = None) -> None:
         self._feed = feed
@@ -233,6 +247,9 @@ class RedisBus:
         self.ttl = self.options.ttl
         self.prefix = self.options.prefix
         self.max_connections = config.redis_max_connections
+        # resumes on any node read the history the owner writes with each publish
+        self.history_max_messages = config.history_max_messages
+        self.history_max_age = config.history_max_age
         # Interest is renewed three times per TTL; a lease lasts two renewal periods, so one
         # missed heartbeat does not lose it, and a dead owner is replaced within one TTL: the
         # lease lapses (2/3 TTL) and an interested node's next heartbeat (1/3 TTL) takes it.
@@ -244,7 +261,15 @@ class RedisBus:
         self._k_nodes = f"{self.prefix}:nodes"
         # what reaches the hub passes the delivery rules every engine shares
         self._delivery = Delivery(state=self.snapshot)
-        feed.attach(Callbacks(self._on_feed_message, self._on_feed_reset, self._on_feed_reject))
+        feed.attach(
+            Callbacks(
+                self._on_feed_message,
+                self._on_feed_reset,
+                self._on_feed_reject,
+                self._on_feed_status,
+            )
+        )
+        self._watch = OwnerWatch()  # is each followed stream's owner still publishing?
         self._states: dict[str, _StreamState] = {}
         self._dirty: set[str] = set()  # streams whose interest/lease need a script this pass
         self._fetch: set[str] = set()  # followers whose subscription is confirmed: snapshot
@@ -285,6 +310,7 @@ class RedisBus:
         self._tasks = [
             asyncio.create_task(self._control(), name="redis-bus-control"),
             asyncio.create_task(self._publisher(), name="redis-bus-publisher"),
+            asyncio.create_task(self._liveness(), name="redis-bus-liveness"),
         ]
 
     async def stop(self) -> None:
@@ -395,6 +421,43 @@ class RedisBus:
     def healthy(self) -> bool:
         return self._healthy
 
+    def ready(self, stream: Stream) -> bool:
+        """This node receives every Message of `stream` from here on (its own feed's, or the
+        channel's with the stored state served): what a resume from history needs."""
+        st = self._states.get(stream.stream_id)
+        if st is None or not self._healthy:
+            return False
+        if st.role is FOLLOWER:  # subscribed, confirmed, and the stored state served
+            return st.sub is not None and st.buffer is None and not st.confirms
+        return st.role is OWNER
+
+    async def history_after(
+        self, stream: Stream, epoch: str, seq: int
+    ) -> list[tuple[int, bytes]] | None:
+        """(seq, frame) of every Message the stream published after `seq` in `epoch`, from the
+        history the owner writes with each publish; None when it cannot bridge the gap (another
+        epoch, Messages after `seq` already trimmed or too old, Redis unreachable)."""
+        if not self._healthy or self._client is None or self.history_max_messages <= 0:
+            return None
+        tag = f"{self.prefix}:{{{stream.stream_id}}}"
+        async with self._sem:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hmget(f"{tag}:last", "epoch", "seq")
+            pipe.xrange(f"{tag}:hist", f"0-{seq + 1}", "+", count=self.history_max_messages + 1)
+            (kept_epoch, kept_seq), entries = await _within(self.op_timeout, pipe.execute())
+        if kept_epoch is None or kept_epoch.decode() != epoch:
+            return None
+        if not entries:
+            return [] if kept_seq is not None and int(kept_seq) == seq else None
+        horizon = (time.time() - self.history_max_age) * 1000
+        out = []
+        for entry_id, fields in entries:
+            n = int(entry_id.split(b"-", 1)[1])
+            if n != seq + 1 + len(out) or int(fields[b"t"]) < horizon:
+                return None  # trimmed, or past its age
+            out.append((n, decode_message(stream.stream_id, fields[b"m"]).frame))
+        return out
+
     def role(self, stream: Stream) -> str:
         st = self._states.get(stream.stream_id)
         return NONE if st is None else st.role
@@ -406,14 +469,19 @@ class RedisBus:
         if st is None:
             return
         role = st.role
+        if self._watch.silent_count and self._watch.heard(st.sid, time.monotonic()):
+            self._delivery.status(st.stream, None, _wall_ms())  # a new owner publishes: live
         if role is OWNER:
             if self._delivery.deliver(message) and self._healthy:
                 self._enqueue(st, message)
+                self._watch.published(st.sid, time.monotonic())
         elif role is LOCAL:
             self._delivery.deliver(message)
 
     def _on_channel_data(self, st: _StreamState, data: bytes) -> None:
         kind = data[0]
+        if st.role is FOLLOWER and self._watch.heard(st.sid, time.monotonic()):
+            self._delivery.status(st.stream, None, _wall_ms())  # the owner speaks again
         if kind == KIND_MESSAGE:
             if st.role is not FOLLOWER:
                 return
@@ -434,6 +502,10 @@ class RedisBus:
                 self._rejected(st, marker_text(data))
         elif kind == KIND_HANDOVER and st.held:
             self._mark(st)  # the lease is free: stand for election now
+        elif kind == KIND_STATUS and st.role is FOLLOWER:
+            report = parse_status(marker_text(data))
+            if report is not None:
+                self._delivery.status(st.stream, *report)
 
     def _follow(self, st: _StreamState, message: Message) -> None:
         """A follower's delivery. A book's update is applied to this node's copy of the book
@@ -482,6 +554,15 @@ class RedisBus:
         st = self._states.get(stream.stream_id)
         if st is not None and st.role is OWNER and self._healthy:
             self._enqueue(st, ("-", "", encode_marker(KIND_RESET)))
+
+    def _on_feed_status(self, stream: Stream, reason: str | None, since: int) -> None:
+        st = self._states.get(stream.stream_id)
+        if st is None or st.role not in (OWNER, LOCAL):
+            return
+        self._delivery.status(stream, reason, since)
+        if st.role is OWNER and self._healthy:  # the followers' clients are told too
+            self._enqueue(st, ("!", "", encode_marker(KIND_STATUS, status_text(reason, since))))
+            self._watch.published(st.sid, time.monotonic())
 
     def _on_feed_reject(self, stream: Stream, reason: str) -> None:
         self._delivery.reject(stream, reason)
@@ -541,6 +622,40 @@ class RedisBus:
     def _forget(self, st: _StreamState) -> None:
         del self._states[st.sid]
         self._delivery.forget(st.sid)
+        self._watch.forget(st.sid)
+
+    async def _liveness(self) -> None:
+        """Owners beat on quiet streams; followers that hear nothing from an owner tell their
+        clients the stream is stale (fastproxy.bus.redis.liveness)."""
+        watch = self._watch
+        beat = encode_marker(KIND_BEAT)
+        while not self._stopping:
+            await asyncio.sleep(CHECK_EVERY)
+            now = time.monotonic()
+            owned = []
+            for sid, st in self._states.items():
+                if st.role is OWNER:
+                    owned.append(sid)
+                    watch.unfollow(sid)
+                elif st.role is FOLLOWER and st.held and st.buffer is None and not st.confirms:
+                    watch.follow(sid, now)
+                else:
+                    watch.unfollow(sid)
+            if self._healthy:
+                for sid in watch.beats_due(owned, now):
+                    self._enqueue(self._states[sid], ("", "", beat))
+            for sid in owned:
+                # taken over from a silent owner: live once our own upstream has it, even if
+                # the stream is too quiet to publish anything yet
+                st = self._states[sid]
+                if watch.is_silent(sid) and self._feed.is_live(st.stream):
+                    watch.heard(sid, now)
+                    self._delivery.status(st.stream, None, _wall_ms())
+            for sid, since in watch.due(now):
+                st = self._states.get(sid)
+                if st is not None and st.held:
+                    log.warning("stream owner silent", extra={"stream": sid})
+                    self._delivery.status(st.stream, REASON_OWNER_SILENT, _wall_ms(since))
 
     def _mark(self, st: _StreamState) -> None:
         self._dirty.add(st.sid)
@@ -572,6 +687,9 @@ class RedisBus:
         st.role = OWNER
         st.buffer = None
         self.leases_won += 1
+        if self._healthy:  # whatever freshness the last owner stored is not ours
+            marker = encode_marker(KIND_STATUS, status_text(None, _wall_ms()))
+            self._enqueue(st, ("!", "", marker))
 
     def _lose_ownership(self, st: _StreamState) -> None:
         if st.role is OWNER:
@@ -611,20 +729,24 @@ class RedisBus:
                 self._feed.remove(st.stream)
                 st.role = NONE
 
-    def _apply_fetch(self, st: _StreamState, blob: bytes | None) -> None:
+    def _apply_fetch(self, st: _StreamState, stored: list[bytes | None]) -> None:
         if st.role is not FOLLOWER or st.buffer is None or st.confirms:
             return
+        blob, status = stored
         buffered, st.buffer = st.buffer, None
         delivery = self._delivery
+        report = parse_status(marker_text(status)) if status else None
+        if report is not None and report[0] is not None:  # the owner's upstream is stale now
+            delivery.status(st.stream, *report)
         if st.rebase:
             st.rebase = False
             delivery.rebase(st.sid)
         if blob:
-            stored = decode_message(st.sid, blob)
+            kept = decode_message(st.sid, blob)
             last = delivery.last_seq(st.sid)
-            if last is None or stored.seq > last:
+            if last is None or kept.seq > last:
                 delivery.resync(st.sid)
-                self._follow(st, stored)
+                self._follow(st, kept)
         for message in buffered:
             self._follow(st, message)
 
@@ -721,7 +843,7 @@ class RedisBus:
         for kind, st, spec in calls:
             if kind == "fetch":
                 assert st is not None
-                pipe.hget(st.k_last, "msg")
+                pipe.hmget(st.k_last, "msg", "status")
             else:
                 script, keys, args = spec
                 _evalsha(pipe, script, keys, args)
@@ -855,8 +977,11 @@ class RedisBus:
             group[1].append(item)
         pipe = self._client.pipeline(transaction=False)
         command, keep = self._pub_command, str(_KEEP_LAST_MS)
+        kept = self.history_max_messages if self.history_max_age > 0 else 0
+        hist = (str(kept), self._ms(self.history_max_age))
+        now = str(int(time.time() * 1000))
         for st, items in groups.values():
-            args: list[Any] = [self._node, command, st.channel, keep]
+            args: list[Any] = [self._node, command, st.channel, keep, *hist, now]
             delta = st.stream.is_delta
             for item in items:
                 if isinstance(item, Message):
@@ -869,7 +994,7 @@ class RedisBus:
                 book = self._feed.snapshot(st.stream)
                 if book is not None:  # else the book is being rebuilt: a reset marker follows
                     args += (f"={book.seq}", book.epoch, encode_message(book))
-            _evalsha(pipe, lua.PUBLISH, [st.k_lease, st.k_last], args)
+            _evalsha(pipe, lua.PUBLISH, [st.k_lease, st.k_last, st.k_hist], args)
         results = await self._execute(pipe)
         reload = False
         for (st, items), result in zip(groups.values(), results, strict=True):
@@ -1032,6 +1157,14 @@ def _evalsha(pipe: Any, script: lua.Script, keys: list[str], args: list[Any]) ->
     # cannot reload scripts on NOSCRIPT), but routes EVALSHA by its keys; NOSCRIPT is handled
     # here (the scripts are reloaded and the work redone)
     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _wall_ms(monotonic: float | None = None) -> int:
+    """Epoch ms now, or of an earlier monotonic time."""
+    now = time.time()
+    if monotonic is not None:
+        now -= time.monotonic() - monotonic
+    return int(now * 1000)
 
 
 async def _within(seconds: float, awaitable: Awaitable[_T]) -> _T:
