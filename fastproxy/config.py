@@ -187,16 +187,39 @@ SETTINGS: tuple[Setting, ...] = (
         "FANOUT_CALLBACK_TIMEOUT",
         _seconds(),
         "5",
-        "seconds a client may stay over the soft write-buffer mark before it is dropped (4008)",
+        "seconds a client may take nothing while data waits, leave an event undelivered, or "
+        "(policy drop) stay over the soft mark, before it is closed (4008)",
     ),
     Setting(
-        "WRITE_BUFFER_SOFT_LIMIT", _int_range(1024), "262144", "bytes unread by a client: soft mark"
+        "WRITE_BUFFER_SOFT_LIMIT",
+        _int_range(1024),
+        "16384",
+        "bytes unread by a client in user space: over it, the client is conflated (or dropped)",
     ),
     Setting(
         "WRITE_BUFFER_HARD_LIMIT",
         _int_range(1024),
         "4194304",
-        "bytes unread by a client: closed with 4008 at once",
+        "bytes unread by a client (user space plus kernel): closed with 4008 at once",
+    ),
+    Setting(
+        "SLOW_CLIENT_POLICY",
+        _choice("conflate", "drop"),
+        "conflate",
+        "a client over the soft mark: conflate (newest state replaces older, events kept) "
+        "or drop (4008 after FANOUT_CALLBACK_TIMEOUT)",
+    ),
+    Setting(
+        "CLIENT_NOTSENT_LOWAT",
+        _int_range(0),
+        "4096",
+        "bytes a client socket may hold unsent in the kernel (TCP_NOTSENT_LOWAT); 0: no bound",
+    ),
+    Setting(
+        "CLIENT_SNDBUF",
+        _int_range(0),
+        "0",
+        "kernel send buffer per client socket (SO_SNDBUF); 0: the kernel sizes it",
     ),
     Setting(
         "COMPRESSION",
@@ -280,8 +303,11 @@ class Config:
     max_snapshot_rate_per_client: int = 100
     client_idle_timeout: float = 300.0
     fanout_callback_timeout: float = 5.0
-    write_buffer_soft_limit: int = 262144
+    write_buffer_soft_limit: int = 16384
     write_buffer_hard_limit: int = 4194304
+    slow_client_policy: str = "conflate"
+    client_notsent_lowat: int = 4096
+    client_sndbuf: int = 0
     compression: bool = True
     unsubscribe_linger: float = 5.0
     upstream_down_threshold: float = 30.0

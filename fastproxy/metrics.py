@@ -10,7 +10,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 # Counters the Redis bus reports in its status; the memory bus has none of them.
@@ -53,6 +57,37 @@ class ProxyCollector(Collector):
         for reason, count in sorted(conns["drops"].items()):
             drops.add_metric([reason], count)
         yield drops
+        slow = conns.get("slow_clients")
+        if slow is not None:
+            yield GaugeMetricFamily(
+                "fastproxy_clients_conflating",
+                "Clients behind, getting conflated state streams",
+                value=slow["conflating"],
+            )
+            yield CounterMetricFamily(
+                "fastproxy_conflated_messages",
+                "State messages replaced by a newer one for a client behind",
+                value=slow["conflated_messages"],
+            )
+            yield CounterMetricFamily(
+                "fastproxy_client_resets",
+                "Closed client sockets reset because the peer left data unread",
+                value=slow["resets"],
+            )
+            unread = GaugeHistogramMetricFamily(
+                "fastproxy_client_unread_bytes",
+                "Clients by bytes written to them and not yet read, in user space (the "
+                "transport's buffer) or in the kernel's send queue",
+                labels=["where"],
+            )
+            for where in ("user", "kernel"):
+                counts = slow[f"unread_bytes_{where}"]
+                cumulative, buckets = 0, []
+                for edge, count in counts.items():
+                    cumulative += count
+                    buckets.append((edge, cumulative))
+                unread.add_metric([where], buckets, slow[f"unread_bytes_{where}_total"])
+            yield unread
         subs = GaugeMetricFamily(
             "fastproxy_subscriptions", "Client subscriptions by stream kind", labels=["kind"]
         )

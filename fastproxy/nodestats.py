@@ -14,7 +14,7 @@ from typing import Any
 # The counters among a worker's numbers (everything else there is a gauge).
 COUNTERS: dict[str, tuple[str, ...]] = {
     "connections": ("connections_total", "requests", "messages_sent", "bytes_sent", "drops"),
-    "hub": ("messages_in", "deliveries", "releases"),
+    "hub": ("messages_in", "deliveries", "releases", "conflated_messages"),
 }
 SECTIONS = tuple(COUNTERS)
 

@@ -1,15 +1,25 @@
 """The picows server: WS /ws for clients, plain HTTP GET for /, /health, /ready, /stats, /metrics.
 
-A thin I/O edge: frames go into the protocol functions and the hub, bytes come out. Every client
-transport has explicit write-buffer limits; a client over the hard cap is closed with 4008 at
-once, and one that stays over the soft mark longer than FANOUT_CALLBACK_TIMEOUT likewise.
+A thin I/O edge: frames go into the protocol functions and the hub, bytes come out.
+
+Slow clients are seen through both buffers that hold their unread data: the transport's (user
+space) and the kernel's send queue (SIOCOUTQ), which TCP_NOTSENT_LOWAT keeps small on purpose so
+that the excess waits in user space, where the hub can conflate it. A client over the soft mark
+is conflated (SLOW_CLIENT_POLICY=conflate) or, with `drop`, closed with 4008 once it has stayed
+there for FANOUT_CALLBACK_TIMEOUT; past the hard cap it is closed at once; one that takes nothing
+at all for FANOUT_CALLBACK_TIMEOUT while data waits is closed under either policy. A closed
+client's socket is reset after the close grace, so the kernel frees what the peer would not take.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +38,7 @@ from picows import (
 from fastproxy.config import Config
 from fastproxy.handshake import DeflateAgreement, check_upgrade, negotiate_deflate, serve_ws
 from fastproxy.history import splice
-from fastproxy.hub import Hub
+from fastproxy.hub import Backlog, Hub
 from fastproxy.logs import ThrottledLog
 from fastproxy.protocol import (
     CLOSE_CONNECTION_LIMIT,
@@ -65,7 +75,21 @@ log = logging.getLogger("fastproxy.server")
 
 # After a close frame, how long a client gets to read what is queued before the socket is cut.
 CLOSE_GRACE = 2.0
-HOUSEKEEPING_INTERVAL = 1.0
+# Slow clients are judged this often, so one that stalls is closed within
+# FANOUT_CALLBACK_TIMEOUT + 2 intervals of its last progress.
+HOUSEKEEPING_INTERVAL = 0.5
+# Sessions checked between two yields to the loop, so a pass over thousands of clients (or many
+# of them closed at once) never holds up the fan-out for long.
+HOUSEKEEPING_SLICE = 500
+# Taking less than this since the last progress is no progress (a zero-window probe takes a few
+# bytes from a client that reads nothing).
+PROGRESS_MIN_BYTES = 64
+# SIOCOUTQ: bytes in a TCP socket's send queue (sent but not acknowledged, or not yet sent).
+SIOCOUTQ = termios.TIOCOUTQ
+_INT = b"\0\0\0\0"
+_LINGER_RESET = struct.pack("ii", 1, 0)
+# Upper edges of the unread-bytes distribution in /stats and /metrics.
+UNREAD_BUCKETS = (0, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 # A client over its frame rate is not read from for this long: TCP flow control then holds its
 # flood in the kernel at no cost to us, instead of every frame being parsed only to be dropped.
 # Shorter than the second without refusals that ends a flood, so a flood stays one flood.
@@ -90,21 +114,30 @@ class ClientSession(WSListener):
     # also ~300 bytes a connection smaller.
     __slots__ = (
         "assembler",
+        "backlog",
         "budget",
+        "bytes_out",
         "closed",
         "compressed",
         "connected_at",
         "deflate",
+        "delivered",
+        "fd",
         "guard",
         "last_ping",
         "last_seen",
         "out",
         "over_soft_since",
+        "paused",
         "peer",
+        "progress_at",
         "raw",
+        "resumed_at",
         "server",
         "streams",
         "transport",
+        "unread_kernel",
+        "unread_user",
     )
 
     def __init__(
@@ -135,14 +168,28 @@ class ClientSession(WSListener):
         )
         self.assembler: MessageAssembler | None = None  # made when the client first fragments
         self.closed = False
+        self.backlog: Backlog | None = None  # the hub's, while this client is behind
+        self.paused = False
+        self.resumed_at = now
+        self.fd = -1
+        # Progress: bytes handed to the transport, minus what the transport and the kernel still
+        # hold, is what the client has taken; it not growing while data waits is a stall.
+        self.bytes_out = 0
+        self.delivered = 0
+        self.progress_at = now
+        self.unread_user = 0
+        self.unread_kernel = 0
 
     # -- picows callbacks ----------------------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        self.raw = transport.underlying_transport
-        soft = self.server.config.write_buffer_soft_limit
-        self.raw.set_write_buffer_limits(high=soft, low=soft // 4)
+        raw = self.raw = transport.underlying_transport
+        self._shared_path_limits()
+        sock = raw.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
+            self.server.tune_socket(sock)
         self.server.admit(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -253,11 +300,31 @@ class ClientSession(WSListener):
         self.server.forget(self)
 
     def pause_writing(self) -> None:
-        if self.over_soft_since is None:
-            self.over_soft_since = time.monotonic()
+        now = time.monotonic()
+        self.paused = True
+        if self.backlog is not None or self.closed:
+            return
+        if self.server.conflate:
+            self.server.hub.fall_behind(self)
+            # Behind: hand the transport the next batch only once it has written the last one
+            # into the kernel, so what the client reads next is at most one batch old.
+            self.raw.set_write_buffer_limits(high=0, low=0)
+        elif self.over_soft_since is None:
+            self.over_soft_since = now
 
     def resume_writing(self) -> None:
+        self.paused = False
+        self.resumed_at = time.monotonic()
         self.over_soft_since = None
+        if self.backlog is not None and not self.closed:
+            self.server.hub.drained(self)
+
+    def caught_up(self) -> None:
+        self._shared_path_limits()
+
+    def _shared_path_limits(self) -> None:
+        soft = self.server.config.write_buffer_soft_limit
+        self.raw.set_write_buffer_limits(high=soft, low=soft // 4)
 
     # -- output --------------------------------------------------------------------------
 
@@ -276,12 +343,23 @@ class ClientSession(WSListener):
         out.clear()
         raw = self.raw
         raw.write(data)
+        size = len(data)
+        self.bytes_out += size
         server = self.server
         server.frames_sent += count
-        server.bytes_sent += len(data)
+        server.bytes_sent += size
         if raw.get_write_buffer_size() > server.hard_limit:
             server.count_drop("slow_client")
             self.close(CLOSE_TOO_SLOW, "too slow: unread data passed the write-buffer cap")
+
+    def kernel_unsent(self) -> int:
+        """Bytes in the kernel's send queue for this client (0 when it cannot be read)."""
+        if self.fd < 0:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.fd, SIOCOUTQ, _INT))[0]
+        except OSError:
+            return 0
 
     def close(self, code: int, reason: str) -> None:
         """Close with a code the client can read: the close frame goes out behind what is
@@ -300,9 +378,22 @@ class ClientSession(WSListener):
             if self.raw.can_write_eof():
                 self.raw.write_eof()
         except Exception:
-            transport.disconnect(graceful=False)
+            self._abort()
             return
-        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.disconnect, False)
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        """Cut the connection; if the peer left data unread, reset it (SO_LINGER 0) so the
+        kernel frees that data now instead of retrying it for minutes in FIN-WAIT-1."""
+        transport = self.transport
+        if transport is None or transport.is_disconnected:
+            return
+        if self.fd >= 0 and (self.raw.get_write_buffer_size() or self.kernel_unsent()):
+            sock = self.raw.get_extra_info("socket")
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            self.server.resets += 1
+        transport.disconnect(graceful=False)
 
 
 class Seats:
@@ -357,8 +448,17 @@ class ProxyServer:
         self.requests = 0
         self.drops: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.resets = 0  # closed sockets reset because the peer left data unread
         self.ping_interval = max(1.0, min(30.0, config.client_idle_timeout / 3))
         self.hard_limit = config.write_buffer_hard_limit  # read on every flush
+        self.conflate = config.slow_client_policy == "conflate"
+        self._socket_options: list[tuple[int, int, int]] = []
+        if config.client_notsent_lowat:
+            self._socket_options.append(
+                (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, config.client_notsent_lowat)
+            )
+        if config.client_sndbuf:
+            self._socket_options.append((socket.SOL_SOCKET, socket.SO_SNDBUF, config.client_sndbuf))
         # What clients cause is logged through these: rate-limited, a client's fault WARNING
         # at most, our own bugs (an exception a request raised) ERROR.
         self.client_log = ThrottledLog(log)
@@ -483,6 +583,16 @@ class ProxyServer:
             return
         self.sessions.add(session)
 
+    def tune_socket(self, sock: Any) -> None:
+        """Bound what the kernel holds for one client (the rest waits in user space)."""
+        for level, option, value in self._socket_options:
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError as exc:
+                self.client_log.warning(
+                    "cannot set a client socket option", extra={"reason": str(exc)}
+                )
+
     def forget(self, session: ClientSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
@@ -596,29 +706,66 @@ class ProxyServer:
             hub.subscribe(session, plan.new_streams, replays)
 
     async def _housekeep(self) -> None:
-        """Once a second: idle clients out, quiet clients pinged, slow clients dropped."""
-        config = self.config
+        """Twice a second: slow clients judged, idle clients out, quiet clients pinged."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
-            now = time.monotonic()
-            idle_limit = config.client_idle_timeout
-            slow_limit = config.fanout_callback_timeout
-            ping_interval = self.ping_interval
-            for session in list(self.sessions):
-                quiet = now - session.last_seen
-                if quiet > idle_limit:
-                    self.count_drop("idle")
-                    session.close(CLOSE_IDLE, "idle timeout")
-                elif (
-                    session.over_soft_since is not None
-                    and now - session.over_soft_since > slow_limit
-                ):
-                    self.count_drop("slow_client")
-                    session.close(CLOSE_TOO_SLOW, "too slow: stayed over the write-buffer mark")
-                elif quiet > ping_interval and now - session.last_ping > ping_interval:
-                    session.last_ping = now
-                    if session.transport is not None:
-                        session.transport.send_ping()
+            sessions = list(self.sessions)
+            for start in range(0, len(sessions), HOUSEKEEPING_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                now = time.monotonic()
+                for session in sessions[start : start + HOUSEKEEPING_SLICE]:
+                    if not session.closed:
+                        self._check(session, now)
+
+    def _check(self, session: ClientSession, now: float) -> None:
+        config = self.config
+        slow_limit = config.fanout_callback_timeout
+        user = session.raw.get_write_buffer_size() if session.raw is not None else 0
+        kernel = session.kernel_unsent()
+        session.unread_user, session.unread_kernel = user, kernel
+        unread = user + kernel
+        delivered = session.bytes_out - unread
+        if unread == 0 or delivered > session.delivered + PROGRESS_MIN_BYTES:
+            session.delivered = delivered
+            session.progress_at = now
+        elif now - session.progress_at > slow_limit:
+            self._too_slow(session, f"took nothing for {slow_limit:g} s")
+            return
+        backlog = session.backlog
+        if backlog is not None:
+            since = backlog.first_event_at
+            if since is not None and now - since > slow_limit:
+                self._too_slow(session, f"events undelivered for {slow_limit:g} s")
+                return
+            if backlog.event_bytes > self.hard_limit:
+                self._too_slow(session, "undelivered events passed the write-buffer cap")
+                return
+        elif not self.conflate:
+            if unread > self.hard_limit:
+                self._too_slow(session, "unread data passed the write-buffer cap")
+                return
+            if unread > config.write_buffer_soft_limit:
+                if session.over_soft_since is None:
+                    session.over_soft_since = now
+            elif not session.paused:
+                session.over_soft_since = None
+            if session.over_soft_since is not None and now - session.over_soft_since > slow_limit:
+                self._too_slow(session, "stayed over the write-buffer mark")
+                return
+        quiet = now - session.last_seen
+        if quiet > config.client_idle_timeout:
+            self.count_drop("idle")
+            session.close(CLOSE_IDLE, "idle timeout")
+        elif quiet > self.ping_interval and now - session.last_ping > self.ping_interval:
+            session.last_ping = now
+            if session.transport is not None:
+                session.transport.send_ping()
+
+    def _too_slow(self, session: ClientSession, why: str) -> None:
+        self.count_drop("slow_client")
+        self.client_log.info("slow client closed", extra={"peer": session.peer, "reason": why})
+        session.close(CLOSE_TOO_SLOW, f"too slow: {why}")
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -629,7 +776,38 @@ class ProxyServer:
             "messages_sent": self.frames_sent,
             "bytes_sent": self.bytes_sent,
             "drops": dict(self.drops),
+            "slow_clients": self.slow_client_stats(),
         }
+
+    def slow_client_stats(self) -> dict[str, Any]:
+        """Clients behind and how much they have not read, as of the last housekeeping pass."""
+        user = [0] * (len(UNREAD_BUCKETS) + 1)
+        kernel = [0] * (len(UNREAD_BUCKETS) + 1)
+        user_total = kernel_total = 0
+        for session in self.sessions:
+            user[_bucket(session.unread_user)] += 1
+            kernel[_bucket(session.unread_kernel)] += 1
+            user_total += session.unread_user
+            kernel_total += session.unread_kernel
+        edges = [str(edge) for edge in UNREAD_BUCKETS] + ["+Inf"]
+        return {
+            "policy": self.config.slow_client_policy,
+            "conflating": self.hub.clients_behind,
+            "conflated_messages": self.hub.conflated,
+            "resets": self.resets,
+            # clients by unread bytes, each count under the upper edge of its bucket
+            "unread_bytes_user": dict(zip(edges, user, strict=True)),
+            "unread_bytes_kernel": dict(zip(edges, kernel, strict=True)),
+            "unread_bytes_user_total": user_total,
+            "unread_bytes_kernel_total": kernel_total,
+        }
+
+
+def _bucket(value: int) -> int:
+    for index, edge in enumerate(UNREAD_BUCKETS):
+        if value <= edge:
+            return index
+    return len(UNREAD_BUCKETS)
 
 
 def _http(status: int, body: dict[str, Any]) -> WSUpgradeResponseWithListener:

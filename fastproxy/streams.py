@@ -25,6 +25,14 @@ DELTA_KINDS = frozenset((ORDERBOOK,))
 # Bybit linear book depths (1 is snapshot-only on the exchange).
 DEPTHS = (1, 50, 200, 1000)
 
+# What a slow reader's backlog may lose. Each message of a state stream is the stream's complete
+# current state, so the newest replaces any older one still waiting for a client that cannot keep
+# up (conflation). Event streams (trades, liquidations) are never conflated: every message counts.
+STATE_KINDS = frozenset({TICKER, KLINE, "orderbook"})
+# State streams whose updates are deltas on the last state: a client that missed some gets a fresh
+# snapshot of the stream instead of the newest delta.
+DELTA_KINDS = frozenset({"orderbook"})
+
 # client interval -> Bybit interval code, in the order the protocol lists them
 INTERVALS: dict[str, str] = {
     "1m": "1",

@@ -249,6 +249,10 @@ class LastValues:
             self._deflated_snapshots[sid] = (message, frame)
         return frame
 
+    def last(self, stream_id: str) -> Message | None:
+        """The stream's last Message as delivered, or None when nothing is known."""
+        return self._last.get(stream_id)
+
     def snapshot(self, stream_id: str) -> Message | None:
         """The stream's current state as a snapshot, or None when nothing is known."""
         snapshot = self._snapshots.get(stream_id)

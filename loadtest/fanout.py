@@ -414,6 +414,8 @@ class Stack:
             [
                 *(py, "-m", "fastproxy.sim", "--host", "127.0.0.1", "--port", str(sim_port)),
                 *("--symbols", symbols, "--ticker-interval", str(1.0 / scenario.rate)),
+                # the ticker changes at most once a market step: faster rates need shorter steps
+                *("--market-interval", str(min(0.02, 1.0 / scenario.rate))),
                 *("--log-level", "WARNING"),
             ],
         )

@@ -286,3 +286,52 @@ async def test_compression_off_serves_plain_frames_to_a_client_that_offers_it() 
             raw.close()
         _, stats = await http_json(app, "/stats")
         assert stats["hub"]["deflated_frames"] == 0
+
+
+def frames_of(writes: list[bytes]) -> list[tuple[int, bytes]]:
+    """(first byte, payload inflated when RSV1 is set) of every frame written."""
+    result = []
+    for data in writes:
+        pos = 0
+        while pos < len(data):
+            first, length, pos = data[pos], data[pos + 1] & 0x7F, pos + 2
+            if length == 126:
+                length, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+            payload = data[pos : pos + length]
+            result.append((first, fresh_inflate(payload) if first & 0x40 else payload))
+            pos += length
+    return result
+
+
+async def test_a_deflate_client_behind_gets_compressed_conflated_frames_then_catches_up() -> None:
+    from tests.test_hub import SNAPSHOT, TICKER, TRADE, behind, delta, drain, feed, new_codec, trade
+    from tests.test_hub import tick as hub_tick
+
+    hub = Hub(FakeBus(), linger=0)
+    tickers, trades = new_codec(TICKER), new_codec(TRADE)
+    plain, zipped = FakeSession(), FakeSession(deflate=True)
+    for session in (plain, zipped):
+        hub.subscribe(session, [TICKER, TRADE])
+    feed(tickers, SNAPSHOT, hub)
+    await hub_tick()
+    for session in (plain, zipped):
+        behind(hub, session)
+    for i in range(4):
+        feed(tickers, delta(f"10{i}.0", 2000 + i), hub)
+        feed(trades, trade(i), hub)
+    for session in (plain, zipped):
+        drain(hub, session)
+    await hub_tick()
+    plain_frames, zipped_frames = frames_of(plain.writes), frames_of(zipped.writes)
+    assert [f for f, _ in zipped_frames] == [0xC1] * len(plain_frames)
+    assert [p for _, p in zipped_frames] == [p for _, p in plain_frames]  # the same JSON
+    # back on the shared path once its transport stays drained: the shared compressed frame
+    zipped.resumed_at = 0.0
+    hub.drained(zipped)
+    assert zipped.backlog is None
+    before = hub.stats()["deflated_frames"]
+    feed(tickers, delta("200.0", 3000), hub)
+    await hub_tick()
+    first, payload = frames_of(zipped.writes)[-1]
+    assert first == 0xC1 and orjson.loads(payload)["data"]["price"] == "200.0"
+    assert hub.stats()["deflated_frames"] == before + 1

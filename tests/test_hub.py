@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
 
 from fastproxy.codec import Message, new_codec
 from fastproxy.history import Position
-from fastproxy.hub import Hub
+from fastproxy.hub import Backlog, Hub
 from fastproxy.streams import Stream, parse_stream_arg
 
 TICKER = parse_stream_arg("ticker:BTCUSDT")
@@ -59,10 +60,17 @@ class FakeSession:
         self.out: list[bytes] = []
         self.streams: set[Stream] = set()
         self.writes: list[bytes] = []
+        self.backlog: Backlog | None = None
+        self.paused = False
+        self.resumed_at = 0.0
+        self.caught_up_calls = 0
 
     def flush(self) -> None:
         self.writes.append(b"".join(self.out))
         self.out.clear()
+
+    def caught_up(self) -> None:
+        self.caught_up_calls += 1
 
     def messages(self) -> list[dict[str, Any]]:
         """Decode the frames written so far (server frames: 0x81 + length + payload)."""
@@ -219,3 +227,137 @@ async def test_resume_replays_what_was_missed_then_live_in_the_same_tick() -> No
     assert hub.resume({TICKER: Position("another", 2)}) == {}  # stale epoch
     assert hub.resume({TICKER: Position(first.epoch, 99)}) == {}  # a seq from the future
     assert hub.resume({TICKER: Position(first.epoch, 7)}) == {TICKER: []}  # up to date
+
+
+# -- clients that fall behind ---------------------------------------------------------------
+
+TRADE = parse_stream_arg("trade:BTCUSDT")
+
+
+def trade(n: int) -> dict[str, Any]:
+    fill = {"T": n, "s": "BTCUSDT", "S": "Buy", "v": "1", "p": f"{100 + n}", "i": f"t-{n}"}
+    return {"topic": "publicTrade.BTCUSDT", "type": "snapshot", "ts": n, "data": [fill]}
+
+
+def behind(hub: Hub, session: FakeSession) -> None:
+    """What the server does when the session's transport says it holds too much."""
+    session.paused = True
+    hub.fall_behind(session)
+
+
+def drain(hub: Hub, session: FakeSession) -> None:
+    session.paused = False
+    session.resumed_at = time.monotonic()
+    hub.drained(session)
+
+
+async def test_client_behind_gets_newest_state_and_every_event() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    tickers, trades = new_codec(TICKER), new_codec(TRADE)
+    fast, slow = FakeSession(), FakeSession()
+    for session in (fast, slow):
+        hub.subscribe(session, [TICKER, TRADE])
+    feed(tickers, SNAPSHOT, hub)
+    await tick()
+    behind(hub, slow)
+    for i in range(5):
+        feed(tickers, delta(f"10{i}.0", 2000 + i), hub)
+        feed(trades, trade(i), hub)
+    await tick()
+    assert len(slow.writes) == 1  # the snapshot, before it fell behind; nothing since
+    assert hub.stats()["clients_conflating"] == 1
+    drain(hub, slow)
+    await tick()
+    got = [(m["stream"].split(".")[2], m["seq"]) for m in slow.messages()[1:]]
+    # the ticker's place is where its first waiting update came, filled with the newest one
+    assert got == [
+        ("ticker", 6),
+        ("trade", 1),
+        ("trade", 2),
+        ("trade", 3),
+        ("trade", 4),
+        ("trade", 5),
+    ]
+    assert slow.messages()[1]["data"]["price"] == "104.0"
+    assert hub.conflated == 4
+    fast_seqs = [m["seq"] for m in fast.messages() if m["stream"].endswith("ticker.BTCUSDT")]
+    assert fast_seqs == [1, 2, 3, 4, 5, 6]  # the shared path lost nothing
+    assert hub.stats()["subscriptions"] == 4
+
+
+async def test_delta_stream_behind_gets_a_fresh_snapshot(monkeypatch: Any) -> None:
+    # Order books are the delta streams; a ticker stands in for one here.
+    monkeypatch.setattr("fastproxy.hub.DELTA_KINDS", frozenset({"ticker"}))
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    session = FakeSession()
+    hub.subscribe(session, [TICKER])
+    feed(codec, SNAPSHOT, hub)
+    await tick()
+    behind(hub, session)
+    feed(codec, delta("101.0", 2000), hub)
+    drain(hub, session)
+    await tick()
+    behind(hub, session)
+    for i in range(3):
+        feed(codec, delta(f"11{i}.0", 3000 + i), hub)
+    drain(hub, session)
+    await tick()
+    got = [(m["type"], m["seq"]) for m in session.messages()]
+    # one waiting update goes as it is; updates merged collapse into the stream's snapshot
+    assert got == [("snapshot", 1), ("update", 2), ("snapshot", 5)]
+    assert session.messages()[-1]["data"]["price"] == "112.0"
+
+
+async def test_client_behind_returns_to_the_shared_path_once_it_keeps_up() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    session = FakeSession()
+    hub.subscribe(session, [TICKER])
+    feed(codec, SNAPSHOT, hub)
+    behind(hub, session)
+    hub.send_payload(session, b'{"op":"pong"}')  # replies wait in order too
+    feed(codec, delta("101.0", 2000), hub)
+    drain(hub, session)  # written, but it was behind a moment ago: stays behind
+    await tick()
+    assert session.backlog is not None and session.caught_up_calls == 0
+    session.resumed_at -= 2  # nothing left unwritten for a while
+    hub.drained(session)
+    assert session.backlog is None and session.caught_up_calls == 1
+    feed(codec, delta("102.0", 3000), hub)
+    assert session.out  # the shared path again
+    await tick()
+    got = [m.get("seq", m.get("op")) for m in session.messages()]
+    assert got == [1, "pong", 2, 3]
+
+
+async def test_dropping_a_client_behind_forgets_its_backlog() -> None:
+    bus = FakeBus()
+    hub = Hub(bus, linger=0)
+    codec = new_codec(TICKER)
+    session = FakeSession()
+    hub.subscribe(session, [TICKER])
+    behind(hub, session)
+    feed(codec, SNAPSHOT, hub)
+    hub.drop(session)
+    assert session.backlog is None and hub.clients_behind == 0
+    assert bus.released == [TICKER]
+
+
+async def test_client_behind_still_gets_a_snapshot_when_the_stream_restarts() -> None:
+    hub = Hub(FakeBus(), linger=0)
+    codec = new_codec(TICKER)
+    session = FakeSession()
+    hub.subscribe(session, [TICKER])
+    feed(codec, SNAPSHOT, hub)
+    await tick()
+    behind(hub, session)
+    feed(codec, delta("101.0", 2000), hub)
+    codec.reset()
+    hub.reset(TICKER)
+    feed(codec, SNAPSHOT, hub)  # the upstream restarted: a snapshot, then an update
+    feed(codec, delta("103.0", 4000), hub)
+    drain(hub, session)
+    await tick()
+    last = session.messages()[-1]
+    assert last["type"] == "snapshot" and last["data"]["price"] == "103.0"

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ticker-interval", type=float, default=0.1, help="ticker push period, s (default 0.1)"
     )
     parser.add_argument(
+        "--market-interval",
+        type=float,
+        default=0.02,
+        help="market step, s: tickers change at most this often (default 0.02)",
+    )
+    parser.add_argument(
         "--idle-timeout",
         type=float,
         default=600.0,
@@ -90,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         symbols=args.symbols,
         seed=args.seed,
         ticker_interval=args.ticker_interval,
+        market_interval=args.market_interval,
         idle_timeout=args.idle_timeout,
         kline_time_scale=args.kline_time_scale,
         rate_limit=args.rate_limit,
