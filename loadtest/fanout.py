@@ -95,6 +95,7 @@ class Scenario:
     client: str = "picows"  # the load clients; "websockets" offers permessage-deflate
     slow: float = 0.0  # the share of clients that are slow readers (counted apart)
     kind: str = "ticker"  # the streams: ticker:SYMBOL, or e.g. orderbook:50 -> orderbook:50:SYMBOL
+    targets: tuple[str, ...] = ()  # the servers it runs against unless --targets says; () = all
     note: str = ""
 
     @property
@@ -124,14 +125,15 @@ SCENARIOS: dict[str, list[Scenario]] = {
             1,
             50.0,
             client="websockets",
+            targets=("proxy", "proxy-uncompressed"),
             note="compression: 200 websockets clients (offering deflate), one ticker at 50/s",
         )
     ],
     # Slow readers mixed in: the same S1 load without and with 10% of the clients reading less
     # than the stream sends; the healthy clients' figures should not move.
     "S8": [
-        Scenario("S8-none", 1000, 1, 40.0, note="S1, no slow readers (the control)"),
-        Scenario("S8", 1000, 1, 40.0, slow=0.1, note="S1 with 10% slow readers"),
+        Scenario("S8-none", 1000, 1, 40.0, targets=("proxy",), note="S1, no slow readers"),
+        Scenario("S8", 1000, 1, 40.0, slow=0.1, targets=("proxy",), note="10% slow readers"),
     ],
     "smoke": [Scenario("smoke", 20, 2, 20.0, duration=3.0, warmup=0.5, workers=1)],
     # Order books at Bybit's 20 ms cadence; proxy only (the baselines serve tickers alone).
@@ -145,13 +147,24 @@ SCENARIOS: dict[str, list[Scenario]] = {
             5,
             50.0,
             kind="orderbook:50",
+            targets=("proxy",),
             note="books: 400 clients x 5 orderbook:50 streams at 20 ms",
         )
     ],
     # Workers at saturation, S1 with twice the clients: run it with --targets proxy,proxy-w2
     # (one process against a supervisor with two workers) to see what the second core takes
     # and what the hop costs.
-    "S6": [Scenario("S6", 2000, 1, 40.0, duration=10.0, note="workers: S1 doubled, 2000 clients")],
+    "S6": [
+        Scenario(
+            "S6",
+            2000,
+            1,
+            40.0,
+            duration=10.0,
+            targets=("proxy", "proxy-w2"),
+            note="workers: S1 doubled, 2000 clients",
+        )
+    ],
     # Load against latency and throughput: 1000 clients on 1..20 tickers at 10/s.
     "sweep": [
         Scenario(f"sweep-{n}", 1000, n, 10.0, duration=10.0, note=f"1000 clients x {n} tickers")
@@ -790,6 +803,37 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table, the README's layout."""
+
+    def num(value: Any, fmt: str = ",.0f") -> str:
+        return format(value, fmt) if isinstance(value, int | float) else "-"
+
+    lines = [
+        "| scenario | server | clients | delivered/s | latency p50 / p99 / max, ms | lost "
+        "| CPU µs per delivery (user + kernel) | writes per delivery | bytes per delivery "
+        "| RSS + kernel KiB per connection | connect p99, ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cpu = num(r["cpu_us_per_delivery"], ".2f")
+        if r.get("user_us_per_delivery") is not None:
+            cpu += (
+                f" ({num(r['user_us_per_delivery'], '.2f')} + "
+                f"{num(r['kernel_us_per_delivery'], '.2f')})"
+            )
+        latency = " / ".join(num(r[f"latency_{k}_ms"], ",.1f") for k in ("p50", "p99", "max"))
+        lines.append(
+            f"| {r['scenario']} | {r['target']} | {num(r['clients'])} "
+            f"| {num(r['deliveries_per_s'])} | {latency} | {r['lost']} | {cpu} "
+            f"| {num(r.get('writes_per_delivery'), '.2f')} "
+            f"| {num(r.get('bytes_per_delivery'), ',.0f')} "
+            f"| {num(r['rss_per_conn_kib'], '.1f')} + {num(r.get('kernel_kib_per_conn'), '.1f')} "
+            f"| {num(r['connect_p99_ms'])} |"
+        )
+    return "\n".join(lines)
+
+
 def draw_chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -867,13 +911,13 @@ def main(argv: list[str] | None = None) -> int:
         "--scenario",
         nargs="+",
         default=["S1"],
-        help=f"any of {', '.join(SCENARIOS)}, or all (S1-S4)",
+        help=f"any of {', '.join(SCENARIOS)}, or all (S1-S8)",
     )
     parser.add_argument(
         "--targets",
-        default=",".join(DEFAULT_TARGETS),
-        help="comma-separated; NAME=TREE (NAME starting with proxy) runs the proxy from another "
-        "source tree, to compare two versions in one run",
+        help="comma-separated (default: each scenario's own, else "
+        f"{','.join(DEFAULT_TARGETS)}); NAME=TREE (NAME starting with proxy) runs the proxy from "
+        "another source tree, to compare two versions in one run",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians reported")
     parser.add_argument("--clients", type=int, help="override the scenario's client count")
@@ -883,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="results file (default: under --out)")
     parser.add_argument("--chart", type=Path, help="PNG file (default: under --out)")
     parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--markdown", type=Path, help="also write the summary as a Markdown table")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the target during each window"
     )
@@ -891,7 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    names = ["S1", "S2", "S3", "S4"] if args.scenario == ["all"] else args.scenario
+    every = ["S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8"]
+    names = every if args.scenario == ["all"] else args.scenario
     scenarios: list[Scenario] = []
     for name in names:
         if name not in SCENARIOS:
@@ -904,8 +950,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers:
                 scenario = replace(scenario, workers=args.workers)
             scenarios.append(scenario)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    for target in targets:
+    chosen = [t.strip() for t in (args.targets or "").split(",") if t.strip()]
+    for scenario in scenarios:
+        scenario.targets = tuple(chosen or scenario.targets or DEFAULT_TARGETS)
+    for target in {t for s in scenarios for t in s.targets}:
         if target.startswith("crelay-"):
             try:
                 _crelay_options(target)
@@ -924,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     for scenario in scenarios:
         for repeat in range(args.repeat):
-            for target in targets:
+            for target in scenario.targets:
                 print(f"[{scenario.name} {target} run {repeat + 1}/{args.repeat}]", flush=True)
                 try:
                     result = run_once(scenario, target, logs, args.profile, args.perf)
@@ -958,6 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or args.out / f"fanout-{stamp}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        args.markdown.write_text(format_markdown(rows) + "\n")
     print(f"\nresults: {json_path}")
     if not args.no_chart and rows:
         chart = args.chart or args.out / f"fanout-{stamp}.png"
