@@ -273,6 +273,13 @@ SETTINGS: tuple[Setting, ...] = (
         "kernel send buffer per client socket (SO_SNDBUF); 0: the kernel sizes it",
     ),
     Setting(
+        "COMPRESSION",
+        _bool,
+        "on",
+        "permessage-deflate for clients that offer it (on or off); each message is compressed "
+        "once and the same bytes go to every such client",
+    ),
+    Setting(
         "UNSUBSCRIBE_LINGER",
         _seconds(allow_zero=True),
         "5",
@@ -395,6 +402,7 @@ class Config:
     slow_client_policy: str = "conflate"
     client_notsent_lowat: int = 4096
     client_sndbuf: int = 0
+    compression: bool = True
     unsubscribe_linger: float = 5.0
     upstream_down_threshold: float = 30.0
     bybit_ws_url: str = BYBIT_MAINNET_WS

@@ -91,6 +91,69 @@ def check_upgrade(headers: Mapping[str, str]) -> Refusal | None:
     return None
 
 
+PERMESSAGE_DEFLATE = "permessage-deflate"
+DEFLATE_ANSWER = f"{PERMESSAGE_DEFLATE}; server_no_context_takeover; client_no_context_takeover"
+
+
+@dataclass(frozen=True, slots=True)
+class DeflateAgreement:
+    """permessage-deflate as agreed with one client (RFC 7692)."""
+
+    header: str  # the Sec-WebSocket-Extensions value of our 101
+
+
+def _offer_params(offer: str) -> tuple[str, dict[str, str | None]] | None:
+    """`name; a; b=1` -> ("name", {"a": None, "b": "1"}); None for a malformed or repeated one."""
+    name, *parts = (part.strip() for part in offer.split(";"))
+    params: dict[str, str | None] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip().lower()
+        if not key or key in params:
+            return None
+        params[key] = value.strip().strip('"') if eq else None
+    return name.lower(), params
+
+
+def negotiate_deflate(offers: str) -> DeflateAgreement | None:
+    """Our answer to a client's Sec-WebSocket-Extensions offers, or None to decline them all.
+
+    We always compress with no context takeover (one compressed frame serves every client), so
+    we answer `server_no_context_takeover` whether or not it was asked for; and we always ask
+    the client for `client_no_context_takeover` (RFC 7692 7.1.1.2 lets a server), so a client's
+    messages inflate alone and no client costs us an inflater's 32 KiB window. An offer we cannot
+    honour (a server window under 15 bits: our shared frames are made with 15; an unknown or
+    malformed parameter) is skipped for the client's next one, as RFC 7692 section 5 says.
+    """
+    for offer in offers.split(","):
+        parsed = _offer_params(offer)
+        if parsed is None or parsed[0] != PERMESSAGE_DEFLATE:
+            continue
+        params = parsed[1]
+        if set(params) - {
+            "server_no_context_takeover",
+            "client_no_context_takeover",
+            "server_max_window_bits",
+            "client_max_window_bits",
+        }:
+            continue
+        if params.get("server_no_context_takeover", None) is not None:
+            continue
+        if params.get("client_no_context_takeover", None) is not None:
+            continue
+        if "server_max_window_bits" in params and params["server_max_window_bits"] != "15":
+            continue
+        client_bits = params.get("client_max_window_bits")
+        if client_bits is not None and not (
+            client_bits.isdigit() and 8 <= int(client_bits) <= 15 and client_bits[0] != "0"
+        ):
+            continue
+        # client_max_window_bits only says the client could honour a limit; we set none: our
+        # inflater takes any window.
+        return DeflateAgreement(DEFLATE_ANSWER)
+    return None
+
+
 class RequestHeadGuard(asyncio.Protocol):
     """Reads one request head, then answers it or hands the connection to picows."""
 

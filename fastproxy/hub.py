@@ -16,6 +16,10 @@ unwritten while it is behind) leaves the shared path for a Backlog of its own: e
 holds one place there, filled when the client drains with the stream's newest message (a delta
 stream's fresh snapshot, when updates were skipped); events and replies keep their order and are
 never dropped. Only those clients cost anything per message; the others keep the shared frames.
+
+Clients that negotiated permessage-deflate are kept in sets of their own: a stream one of them
+holds has each Message compressed once (the last-value cache builds and keeps the frame), and
+that one compressed frame goes to all of them. Streams no such client holds are never compressed.
 """
 
 from __future__ import annotations
@@ -115,6 +119,7 @@ class Subscriber(Protocol):
 
     out: list[bytes]  # frames due for this client, flushed once per tick
     streams: set[Stream]
+    deflate: bool  # gets the shared compressed frames (permessage-deflate was agreed)
     backlog: Backlog | None  # set while the client is behind (the hub's, not the session's)
     paused: bool  # the transport holds unwritten bytes: wait for it to drain
     resumed_at: float  # when the transport last finished writing what it held
@@ -139,10 +144,11 @@ class Hub:
         self.history = History() if history is None else history
         self._linger = linger
         self._loop = loop
-        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> subscribers keeping up
+        self._subs: dict[str, set[Subscriber]] = {}  # stream_id -> subscribers keeping up, plain
         self._behind: dict[str, set[Subscriber]] = {}  # stream_id -> subscribers with a Backlog
         self._behind_sessions: set[Subscriber] = set()
         self._drain_due: list[Subscriber] = []
+        self._zsubs: dict[str, set[Subscriber]] = {}  # the same, getting the deflate frames
         self._streams: dict[str, Stream] = {}  # stream_id -> Stream, for streams held here
         self._values = LastValues()  # the last delivered Message of each stream held here
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
@@ -205,9 +211,8 @@ class Hub:
         stream in `replays` (see `resume`), the Messages it missed."""
         for stream in streams:
             sid = stream.stream_id
-            subs = self._subs.get(sid)
-            if subs is None:
-                subs = self._subs[sid] = set()
+            if sid not in self._subs:
+                self._subs[sid] = set()
                 self._streams[sid] = stream
                 self._residence_of[sid] = self._residence_for(stream.kind)
                 self._bus.acquire(stream)
@@ -216,7 +221,7 @@ class Hub:
                 if timer is not None:
                     timer.cancel()
             if session.backlog is None:
-                subs.add(session)
+                self._group(session).setdefault(sid, set()).add(session)
             else:
                 self._behind.setdefault(sid, set()).add(session)
             session.streams.add(stream)
@@ -230,15 +235,18 @@ class Hub:
                 continue
             snapshot = self.snapshot(sid)
             if snapshot is not None:
-                self.send(session, snapshot.frame)
+                frame = self._values.frame_of(snapshot) if session.deflate else snapshot.frame
+                self.send(session, frame)
 
     def unsubscribe(self, session: Subscriber, streams: Iterable[Stream]) -> None:
         for stream in streams:
             session.streams.discard(stream)
-            subs = self._subs.get(stream.stream_id)
-            if subs is None:
-                continue
-            subs.discard(session)
+            sid = stream.stream_id
+            if sid not in self._subs:
+                continue  # not held here
+            subs = self._group(session).get(sid)
+            if subs is not None:
+                subs.discard(session)
             if session.backlog is not None:
                 session.backlog.forget(stream.stream_id)
                 self._leave_behind(stream.stream_id, session)
@@ -260,7 +268,11 @@ class Hub:
         return histogram
 
     def _held(self, sid: str) -> bool:
-        return bool(self._subs.get(sid)) or bool(self._behind.get(sid))
+        return bool(self._subs.get(sid) or self._zsubs.get(sid) or self._behind.get(sid))
+
+    def _group(self, session: Subscriber) -> dict[str, set[Subscriber]]:
+        """Where a session keeping up is held: with the plain or with the deflate clients."""
+        return self._zsubs if session.deflate else self._subs
 
     def _leave_behind(self, sid: str, session: Subscriber) -> None:
         behind = self._behind.get(sid)
@@ -277,9 +289,10 @@ class Hub:
             return
         backlog = session.backlog = Backlog()
         self._behind_sessions.add(session)
+        group = self._group(session)
         for stream in session.streams:
             sid = stream.stream_id
-            subs = self._subs.get(sid)
+            subs = group.get(sid)
             if subs is not None:
                 subs.discard(session)
             self._behind.setdefault(sid, set()).add(session)
@@ -302,12 +315,12 @@ class Hub:
     def _catch_up(self, session: Subscriber) -> None:
         self._behind_sessions.discard(session)
         session.backlog = None
+        group = self._group(session)
         for stream in session.streams:
             sid = stream.stream_id
             self._leave_behind(sid, session)
-            subs = self._subs.get(sid)
-            if subs is not None:
-                subs.add(session)
+            if sid in self._subs:
+                group.setdefault(sid, set()).add(session)
         session.caught_up()
 
     def _drain(self, session: Subscriber) -> None:
@@ -315,7 +328,8 @@ class Hub:
         if backlog is None or session.paused:
             return  # caught up or gone meanwhile; or resume_writing will call drained()
         if backlog:
-            session.out.extend(backlog.take(self._current_frame))
+            current = self._current_deflated if session.deflate else self._current_frame
+            session.out.extend(backlog.take(current))
             session.flush()
             self.flushes += 1
         if (
@@ -341,6 +355,18 @@ class Hub:
             message = last
         return None if message is None else message.frame
 
+    def _current_deflated(self, sid: str, skipped: bool, restarted: bool) -> bytes | None:
+        """The same for a deflate client behind: the shared compressed frame of the newest
+        message, or a compressed snapshot."""
+        frame = self._current_frame(sid, skipped, restarted)
+        last = self._values.last(sid)
+        if frame is None or last is None:
+            return frame
+        if frame is last.frame:
+            return self._values.deflated(sid)
+        snapshot = self.snapshot(sid)
+        return frame if snapshot is None else self._values.frame_of(snapshot)
+
     def _schedule_release(self, stream: Stream) -> None:
         sid = stream.stream_id
         if sid in self._release_timers:
@@ -357,6 +383,7 @@ class Hub:
         if self._held(sid):
             return  # someone came back
         self._subs.pop(sid, None)
+        self._zsubs.pop(sid, None)
         self._behind.pop(sid, None)
         self._streams.pop(sid, None)
         self._residence_of.pop(sid, None)
@@ -387,36 +414,51 @@ class Hub:
         if subs is None:
             return  # not held here (any more)
         self.messages_in += 1
-        self._values.put(message)
-        frame = message.frame
-        if message.type == SNAPSHOT:  # the codec's own (after an upstream reset): with its epoch
-            frame = self.snapshot(sid).frame  # type: ignore[union-attr]
-        self.history.append(sid, message.epoch, message.seq, frame, time.monotonic())
-        if self._resnap and sid in self._resnap:  # back to live: a fresh snapshot first
-            self._resnap.discard(sid)
-            snapshot = self.snapshot(sid)  # a book's is the whole book, not this update
-            if snapshot is not None:
-                frame = snapshot.frame
+        values = self._values
+        values.put(message)
+        # what goes out: this update, or a snapshot (the codec's own after an upstream reset,
+        # with its epoch; or, back to live, a fresh one: for a book the whole book)
+        sent = message
+        if message.type == SNAPSHOT:
+            sent = self.snapshot(sid) or message
+        self.history.append(sid, message.epoch, message.seq, sent.frame, time.monotonic())
+        zsubs = self._zsubs.get(sid)
         behind = self._behind.get(sid)
-        if not subs and not behind:
+        if not subs and not zsubs and not behind:
             return
         self._arrived_in.append(self._residence_of[sid])
         self._arrived_at.append(_clock())
+        if self._resnap and sid in self._resnap:
+            self._resnap.discard(sid)
+            sent = self.snapshot(sid) or sent
+        frame = sent.frame
         if subs:
-            dirty = self._dirty
-            for session in subs:
-                out = session.out
-                if not out:
-                    dirty.append(session)
-                out.append(frame)
-            self.deliveries += len(subs)
+            self._fan_out(frame, subs)
+        if zsubs:
+            self._fan_out(self._deflated(message, sent), zsubs)
         if behind:
-            self._deliver_behind(message, frame, behind)
+            self._deliver_behind(message, sent, behind)
         if not self._flush_scheduled:
             self._schedule_flush()
 
-    def _deliver_behind(self, message: Message, frame: bytes, behind: set[Subscriber]) -> None:
-        sid = message.stream_id
+    def _deflated(self, message: Message, sent: Message) -> bytes:
+        """The compressed frame of what goes out for `message`, built once and shared."""
+        if sent is message:
+            return self._values.deflated(message.stream_id)  # type: ignore[return-value]
+        return self._values.frame_of(sent)
+
+    def _fan_out(self, frame: bytes, subs: set[Subscriber]) -> None:
+        dirty = self._dirty
+        for session in subs:
+            out = session.out
+            if not out:
+                dirty.append(session)
+            out.append(frame)
+        self.deliveries += len(subs)
+
+    def _deliver_behind(self, message: Message, sent: Message, behind: set[Subscriber]) -> None:
+        sid, frame = message.stream_id, sent.frame
+        zframe: bytes | None = None
         due = self._drain_due
         if self._streams[sid].kind in STATE_KINDS:
             resync = message.type == SNAPSHOT
@@ -430,7 +472,12 @@ class Hub:
             now = time.monotonic()
             for session in behind:
                 backlog = session.backlog
-                backlog.add_frame(frame, now)  # type: ignore[union-attr]
+                if session.deflate:
+                    if zframe is None:
+                        zframe = self._deflated(message, sent)
+                    backlog.add_frame(zframe, now)  # type: ignore[union-attr]
+                else:
+                    backlog.add_frame(frame, now)  # type: ignore[union-attr]
                 if not session.paused and len(backlog) == 1:  # type: ignore[arg-type]
                     due.append(session)
         self.deliveries += len(behind)
@@ -504,15 +551,17 @@ class Hub:
             "stream stale" if reason else "stream live again",
             extra={"stream": sid, "reason": reason, "since": since, "clients": len(subs)},
         )
-        if subs:
+        holders = subs | self._zsubs.get(sid, set()) | self._behind.get(sid, set())
+        if holders:
             frame = ws_text_frame(status_payload(sid, reason, since))
-            for session in subs:
+            for session in holders:
                 self.send(session, frame)
 
     def reject(self, stream: Stream, reason: str) -> None:
         """The exchange refused the stream: tell every local holder and drop it."""
         sid = stream.stream_id
         subs = self._subs.pop(sid, None) or set()
+        subs |= self._zsubs.pop(sid, None) or set()
         subs |= self._behind.pop(sid, None) or set()
         self._streams.pop(sid, None)
         self._residence_of.pop(sid, None)
@@ -562,10 +611,13 @@ class Hub:
     def stats(self) -> dict[str, Any]:
         by_kind = dict.fromkeys(KINDS, 0)
         streams_by_kind = dict.fromkeys(KINDS, 0)
+        deflated = 0
         for sid, subs in self._subs.items():
             kind = self._streams[sid].kind
-            by_kind[kind] += len(subs) + len(self._behind.get(sid, ()))
+            zsubs = len(self._zsubs.get(sid, ()))
+            by_kind[kind] += len(subs) + zsubs + len(self._behind.get(sid, ()))
             streams_by_kind[kind] += 1
+            deflated += zsubs
         return {
             "streams": len(self._subs),
             "streams_by_kind": streams_by_kind,
@@ -577,6 +629,9 @@ class Hub:
             "messages_in": self.messages_in,
             "deliveries": self.deliveries,
             "releases": self.releases,
+            "subscriptions_deflate": deflated,
+            # compressed frames built: one per message of a stream a deflate client holds
+            "deflated_frames": self._values.deflater.frames,
             "clients_conflating": len(self._behind_sessions),
             "conflated_messages": self.conflated,
         }

@@ -49,7 +49,7 @@ from fastproxy.access import (
     request_token,
 )
 from fastproxy.config import Config
-from fastproxy.handshake import check_upgrade, serve_ws
+from fastproxy.handshake import DeflateAgreement, check_upgrade, negotiate_deflate, serve_ws
 from fastproxy.history import splice
 from fastproxy.hub import Backlog, Hub
 from fastproxy.logs import ThrottledLog
@@ -83,6 +83,7 @@ from fastproxy.protocol import (
     unsubscribe_reply,
 )
 from fastproxy.streams import Stream
+from fastproxy.wire import InflateError, inflate
 
 log = logging.getLogger("fastproxy.server")
 
@@ -152,7 +153,9 @@ class ClientSession(WSListener):
         "budget",
         "bytes_out",
         "closed",
+        "compressed",
         "connected_at",
+        "deflate",
         "delivered",
         "end_reason",
         "fd",
@@ -175,13 +178,22 @@ class ClientSession(WSListener):
         "usage",
     )
 
-    def __init__(self, server: ProxyServer, peer: str, key: str | None = None) -> None:
+    def __init__(
+        self,
+        server: ProxyServer,
+        peer: str,
+        key: str | None = None,
+        deflate: DeflateAgreement | None = None,
+    ) -> None:
         super().__init__()
         self.server = server
         self.peer = peer  # the client's address (X-Forwarded-For's behind a trusted proxy)
         self.key = key  # the key id it authenticated with, or None
         self.usage: KeyUsage | None = None
         self.end_reason: str | None = None
+        # permessage-deflate agreed: the hub gives this client the shared compressed frames.
+        self.deflate = deflate is not None
+        self.compressed = False  # the fragmented message in progress is compressed
         self.transport: WSTransport | None = None
         self.raw: Any = None  # the asyncio transport under picows, written to directly
         self.out: list[bytes] = []
@@ -243,8 +255,13 @@ class ClientSession(WSListener):
             transport.send_close(frame.get_close_code())
             transport.disconnect()
             return
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not self.deflate):
             self.violation(CLOSE_PROTOCOL_ERROR, "reserved bit set; no extension was negotiated")
+            return
+        compressed = frame.rsv1
+        if compressed and msg_type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            # RFC 7692 6: only the first frame of a data message may say it is compressed.
+            self.violation(CLOSE_PROTOCOL_ERROR, "RSV1 set on a control or continuation frame")
             return
         # Every frame counts, control frames too: answering a ping costs as much as a request.
         verdict = self.guard.check(now)
@@ -267,9 +284,19 @@ class ClientSession(WSListener):
             except ProtocolViolation as exc:
                 self.violation(exc.code, exc.reason)
                 return
+            if msg_type != WSMsgType.CONTINUATION:
+                self.compressed = compressed
             if message is None:
                 return
             msg_type, payload = message
+            compressed = self.compressed
+        if compressed:
+            try:
+                # client_no_context_takeover was agreed: each message inflates alone.
+                payload = inflate(payload, MAX_FRAME_SIZE)
+            except InflateError as exc:
+                self.violation(CLOSE_TOO_BIG if exc.too_big else CLOSE_PROTOCOL_ERROR, exc.reason)
+                return
         if msg_type == WSMsgType.BINARY:
             self.reply(error_reply(INVALID_JSON, "Binary frames are not supported; send JSON text"))
             return
@@ -623,9 +650,18 @@ class ProxyServer:
                 token.strip().lower() for token in connection.split(",")
             ):
                 headers["Connection"] = "Upgrade"
-            if key is not None:
-                return KeyedSession(self, address, key)
-            return ClientSession(self, address)
+            agreement = None
+            if self.config.compression:
+                offers = headers.getall("sec-websocket-extensions", ())
+                agreement = negotiate_deflate(", ".join(offers)) if offers else None
+            kind = ClientSession if key is None else KeyedSession
+            session = kind(self, address, key, agreement)
+            if agreement is None:
+                return session
+            response = WSUpgradeResponse.create_101_response(
+                {"Sec-WebSocket-Extensions": agreement.header}
+            )
+            return WSUpgradeResponseWithListener(response, session)
         if path == b"/":
             return _http(
                 200,

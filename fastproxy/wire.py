@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 
 import orjson
 
@@ -93,12 +94,69 @@ _H64 = struct.Struct(">BBQ")
 
 def ws_text_frame(payload: bytes) -> bytes:
     """A final, unmasked text frame (server to client) holding `payload`."""
+    return _frame(0x81, payload)
+
+
+# permessage-deflate (RFC 7692). Every message is compressed on its own (the server agrees to
+# server_no_context_takeover), so one compressed frame serves every client that negotiated it.
+DEFLATE_LEVEL = 6
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"  # what a sync flush ends with; RFC 7692 7.2.1 strips it
+
+
+class Deflater:
+    """Compresses one message at a time with no context carried from one to the next.
+
+    One long-lived compressor, flushed with Z_FULL_FLUSH after each message: the flush resets the
+    history, so each output is decodable by a fresh inflater, and the compressor's buffers are
+    allocated once instead of once per message.
+    """
+
+    __slots__ = ("_compressor", "frames")
+
+    def __init__(self, level: int = DEFLATE_LEVEL) -> None:
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self.frames = 0  # compressed frames built: one per message, however many clients
+
+    def compress(self, payload: bytes) -> bytes:
+        """The message's compressed bytes as they go into a frame (tail stripped)."""
+        compressor = self._compressor
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_FULL_FLUSH)
+        return data[:-4]
+
+    def frame(self, payload: bytes) -> bytes:
+        """A final text frame with RSV1 set holding `payload` compressed."""
+        self.frames += 1
+        return _frame(0xC1, self.compress(payload))
+
+
+class InflateError(ValueError):
+    """A compressed message that does not inflate, or inflates past the size limit."""
+
+    def __init__(self, reason: str, too_big: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.too_big = too_big
+
+
+def inflate(data: bytes, max_size: int) -> bytes:
+    """A client's compressed message (sent with no context takeover), inflated on its own."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        payload = inflater.decompress(data + _DEFLATE_TAIL, max_size + 1)
+    except zlib.error as exc:
+        raise InflateError(f"compressed data does not inflate: {exc}") from None
+    if len(payload) > max_size or inflater.unconsumed_tail:
+        raise InflateError("message too big", too_big=True)
+    return payload
+
+
+def _frame(first: int, payload: bytes) -> bytes:
     n = len(payload)
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return bytes((first, n)) + payload
     if n < 0x10000:
-        return _H16.pack(0x81, 126, n) + payload
-    return _H64.pack(0x81, 127, n) + payload
+        return _H16.pack(first, 126, n) + payload
+    return _H64.pack(first, 127, n) + payload
 
 
 def envelope_prefix(stream_id: str) -> bytes:
@@ -149,19 +207,47 @@ def as_snapshot(message: Message) -> Message:
 
 
 class LastValues:
-    """Per stream, the last Message and (built on first ask, once per Message) its snapshot:
-    the one last-value cache a node serves its joiners from."""
+    """Per stream, the last Message and (built on first ask, once per Message) its snapshot and
+    the compressed frames of both: the one last-value cache a node serves its joiners from."""
 
-    __slots__ = ("_last", "_snapshots")
+    __slots__ = ("_deflated", "_deflated_snapshots", "_last", "_snapshots", "deflater")
 
-    def __init__(self) -> None:
+    def __init__(self, deflater: Deflater | None = None) -> None:
         self._last: dict[str, Message] = {}  # stream_id -> last Message
         self._snapshots: dict[str, Message] = {}  # stream_id -> as_snapshot(last)
+        self._deflated: dict[str, bytes] = {}  # stream_id -> last Message, compressed frame
+        # the same of its snapshot, with the snapshot it was made from
+        self._deflated_snapshots: dict[str, tuple[Message, bytes]] = {}
+        self.deflater = deflater or Deflater()
 
     def put(self, message: Message) -> None:
         sid = message.stream_id
         self._last[sid] = message
         self._snapshots.pop(sid, None)
+        self._deflated.pop(sid, None)
+        self._deflated_snapshots.pop(sid, None)
+
+    def deflated(self, stream_id: str) -> bytes | None:
+        """The last Message's compressed frame (built on the first ask, then shared)."""
+        frame = self._deflated.get(stream_id)
+        if frame is None:
+            last = self._last.get(stream_id)
+            if last is None:
+                return None
+            frame = self._deflated[stream_id] = self.deflater.frame(last.payload)
+        return frame
+
+    def frame_of(self, message: Message) -> bytes:
+        """The compressed frame of a snapshot to send: the last one's is built once and kept;
+        one made elsewhere (a book's whole-book snapshot from its codec) is compressed here."""
+        sid = message.stream_id
+        cached = self._deflated_snapshots.get(sid)
+        if cached is not None and cached[0] is message:
+            return cached[1]
+        frame = self.deflater.frame(message.payload)
+        if self._snapshots.get(sid) is message:
+            self._deflated_snapshots[sid] = (message, frame)
+        return frame
 
     def last(self, stream_id: str) -> Message | None:
         """The stream's last Message as delivered, or None when nothing is known."""
@@ -180,6 +266,8 @@ class LastValues:
     def forget(self, stream_id: str) -> None:
         self._last.pop(stream_id, None)
         self._snapshots.pop(stream_id, None)
+        self._deflated.pop(stream_id, None)
+        self._deflated_snapshots.pop(stream_id, None)
 
     def __len__(self) -> int:
         return len(self._last)

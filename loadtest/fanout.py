@@ -1,17 +1,21 @@
-"""The fan-out benchmark: the proxy against two baselines, same scenario, same machine, same run.
+"""The fan-out benchmark: the proxy against baselines, same scenario, same machine, same run.
 
     python -m loadtest.fanout --scenario S1 S2 --repeat 3
     python -m loadtest.fanout --scenario sweep --chart docs/perf.png
 
-For each scenario and target (`proxy`, `relay`: the bare uvloop floor in relay.py, `websockets`:
-the usual way, in ws_baseline.py) it starts the Bybit simulator and the target as subprocesses,
-connects the scenario's clients from a few picows worker processes (clients.py), waits until
-every client has its first message on every stream, lets it run a short warm-up, and then
-measures a fixed window: deliveries/s, latency now - timestamp (p50/p90/p99/max), lost
-messages (seq gaps), disconnects and drops, the target's CPU seconds per delivery (utime+stime
-from /proc/<pid>/stat) and its RSS per connection beyond the idle process. Targets take turns
-within each repeat so background noise falls on all of them alike; the summary takes medians.
-Results go to JSON and, with matplotlib installed, a PNG of latency and throughput against load.
+For each scenario and target (`proxy`; `proxy-uncompressed`, the proxy with COMPRESSION=off;
+`relay`: the bare uvloop relay in relay.py; `crelay`: the syscall floor, a C relay doing one
+write per delivery in crelay.c, built here with `cc`; `websockets`: the usual way, in
+ws_baseline.py) it starts the Bybit simulator and the target as subprocesses, connects the
+scenario's clients from a few worker processes (clients.py: picows, or `websockets` for the
+compression scenario), waits until every client has its first message on every stream, lets it
+run a short warm-up, and then measures a fixed window: deliveries/s, latency now - timestamp
+(p50/p90/p99/max), lost messages (seq gaps), disconnects and drops, the target's CPU seconds
+per delivery (utime+stime from /proc/<pid>/stat, and each apart), its write calls and bytes
+written per delivery (/proc/<pid>/io) and its RSS per connection beyond the idle process.
+Targets take turns within each repeat so background noise falls on all of them alike; the
+summary takes medians. Results go to JSON and, with matplotlib installed, a PNG of latency and
+throughput against load.
 
 Every process it starts is stopped before it returns; all traffic stays on 127.0.0.1.
 """
@@ -39,8 +43,18 @@ from typing import Any
 
 from loadtest.clients import HIST_BINS, WorkerSpec, bin_upper_ms, worker_main
 
-TARGETS = ("proxy", "proxy-w2", "relay", "websockets", "websockets-uvloop")
-DEFAULT_TARGETS = ("proxy", "relay", "websockets")
+# proxy-uncompressed: the proxy with COMPRESSION=off, the compression scenario's baseline;
+# proxy-wN: the proxy with --workers N
+TARGETS = (
+    "proxy",
+    "proxy-w2",
+    "proxy-uncompressed",
+    "relay",
+    "crelay",
+    "websockets",
+    "websockets-uvloop",
+)
+DEFAULT_TARGETS = ("proxy", "relay", "crelay", "websockets")
 # The simulator's default linear list; the first N serve an N-stream scenario.
 SYMBOLS = [
     "BTCUSDT",
@@ -78,6 +92,10 @@ class Scenario:
     warmup: float = 2.0
     connect_rate: float = 0.0  # total connects a second; 0: as fast as they complete
     workers: int = 2
+    client: str = "picows"  # the load clients; "websockets" offers permessage-deflate
+    slow: float = 0.0  # the share of clients that are slow readers (counted apart)
+    kind: str = "ticker"  # the streams: ticker:SYMBOL, or e.g. orderbook:50 -> orderbook:50:SYMBOL
+    targets: tuple[str, ...] = ()  # the servers it runs against unless --targets says; () = all
     note: str = ""
 
     @property
@@ -100,10 +118,53 @@ SCENARIOS: dict[str, list[Scenario]] = {
             note="connect storm: 5,000 clients in 5 s, one ticker at 10/s",
         )
     ],
+    "S7": [
+        Scenario(
+            "S7",
+            200,
+            1,
+            50.0,
+            client="websockets",
+            targets=("proxy", "proxy-uncompressed"),
+            note="compression: 200 websockets clients (offering deflate), one ticker at 50/s",
+        )
+    ],
+    # Slow readers mixed in: the same S1 load without and with 10% of the clients reading less
+    # than the stream sends; the healthy clients' figures should not move.
+    "S8": [
+        Scenario("S8-none", 1000, 1, 40.0, targets=("proxy",), note="S1, no slow readers"),
+        Scenario("S8", 1000, 1, 40.0, slow=0.1, targets=("proxy",), note="10% slow readers"),
+    ],
     "smoke": [Scenario("smoke", 20, 2, 20.0, duration=3.0, warmup=0.5, workers=1)],
-    # S1 with twice the clients: run it with --targets proxy,proxy-w2 (one process against a
-    # supervisor with two workers) to see what the second core takes and what the hop costs.
-    "W": [Scenario("W", 2000, 1, 40.0, duration=10.0, note="S1 doubled: 2000 clients")],
+    # Order books at Bybit's 20 ms cadence; proxy only (the baselines serve tickers alone).
+    # 400 clients, not 1000: at 1000 (250,000 messages a second) the load clients themselves
+    # saturate the 2 cores they share with the server (155,000/s delivered, latency growing,
+    # the server at 0.28 of a core); --clients 1000 runs it anyway.
+    "S5": [
+        Scenario(
+            "S5",
+            400,
+            5,
+            50.0,
+            kind="orderbook:50",
+            targets=("proxy",),
+            note="books: 400 clients x 5 orderbook:50 streams at 20 ms",
+        )
+    ],
+    # Workers at saturation, S1 with twice the clients: run it with --targets proxy,proxy-w2
+    # (one process against a supervisor with two workers) to see what the second core takes
+    # and what the hop costs.
+    "S6": [
+        Scenario(
+            "S6",
+            2000,
+            1,
+            40.0,
+            duration=10.0,
+            targets=("proxy", "proxy-w2"),
+            note="workers: S1 doubled, 2000 clients",
+        )
+    ],
     # Load against latency and throughput: 1000 clients on 1..20 tickers at 10/s.
     "sweep": [
         Scenario(f"sweep-{n}", 1000, n, 10.0, duration=10.0, note=f"1000 clients x {n} tickers")
@@ -115,10 +176,48 @@ GOALS = {
     "S2": "nothing lost, p99 <= 50 ms",
     "S3": "all connected, nothing lost, RSS/connection <= 10 KiB",
     "S4": "all connected and subscribed, p99 connect-to-snapshot <= 1 s",
+    "S5": "nothing lost, p99 <= 50 ms",
+    "S6": "proxy-w2 delivers more than proxy at saturation, nothing lost",
+    "S7": "bytes/delivery <= 0.65x proxy-uncompressed at <= 1.3x its CPU/delivery",
 }
 
 
 # -- processes -------------------------------------------------------------------------------
+
+
+_CRELAY: dict[str, str] = {}
+
+
+def crelay_binary() -> str:
+    """loadtest/crelay.c compiled once per harness process into a temporary directory."""
+    if "path" not in _CRELAY:
+        import atexit
+        import shutil
+        import tempfile
+
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("the crelay target needs a C compiler (cc)")
+        tmp = tempfile.mkdtemp(prefix="crelay-")
+        atexit.register(shutil.rmtree, tmp, True)
+        binary = os.path.join(tmp, "crelay")
+        source = Path(__file__).with_name("crelay.c")
+        subprocess.run([cc, "-O2", "-o", binary, str(source)], check=True)
+        _CRELAY["path"] = binary
+    return _CRELAY["path"]
+
+
+def _crelay_options(target: str) -> list[str]:
+    """`crelay-gap3000` spins 3000 ns between writes, `crelay-touch64` touches 64 KiB."""
+    options = []
+    for part in target.split("-")[1:]:
+        if part.startswith("gap") and part[3:].isdigit():
+            options += ["--gap-ns", part[3:]]
+        elif part.startswith("touch") and part[5:].isdigit():
+            options += ["--touch-kib", part[5:]]
+        else:
+            raise ValueError(f"unknown crelay option {part!r} (gapNS, touchKIB)")
+    return options
 
 
 def free_port() -> int:
@@ -132,6 +231,62 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, s: user space and kernel apart."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def io_counts(pid: int) -> dict[str, int]:
+    """/proc/<pid>/io: syscw (write-family syscalls) and wchar (bytes they were given)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return {k: int(v) for k, v in (line.split(": ") for line in f)}
+    except OSError:  # another user's process, or no task I/O accounting
+        return {}
+
+
+_SLAB_CACHES = ("TCP", "sock_inode_cache")  # a tcp_sock and its socket inode, per connection
+
+
+def slab_bytes_per_socket() -> int:
+    """What every TCP socket costs the kernel before any buffer: its slab objects' sizes."""
+    total = 0
+    with contextlib.suppress(OSError), open("/proc/slabinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0] in _SLAB_CACHES:
+                total += int(fields[3])
+    return total
+
+
+def socket_buffers(port: int) -> tuple[int, int]:
+    """(sockets, bytes) of the server's established sockets on `port`, from `ss -tm`: receive
+    and send buffers in use, forward allocations and option memory (skmem r, t, w, f, o)."""
+    try:
+        out = subprocess.run(
+            ["ss", "-tmnH", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0, 0
+    sockets = used = 0
+    for line in out.splitlines():
+        start = line.find("skmem:(")
+        if start < 0:
+            continue
+        sockets += 1
+        fields = line[start + 7 : line.index(")", start)].split(",")
+        values = {
+            f.rstrip("0123456789"): int(f.lstrip("abcdefghijklmnopqrstuvwxyz")) for f in fields
+        }
+        used += sum(values.get(k, 0) for k in ("r", "t", "w", "f", "o"))
+    return sockets, used
 
 
 def rss_kib(pid: int) -> int:
@@ -159,6 +314,19 @@ def tree_cpu(pid: int) -> dict[int, float]:
         with contextlib.suppress(OSError):
             seconds[member] = cpu_seconds(member)
     return seconds
+
+
+def tree_split(pid: int) -> dict[int, tuple[float, float]]:
+    """(utime, stime) of each process of the tree under `pid`."""
+    split = {}
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            split[member] = cpu_split(member)
+    return split
+
+
+def tree_io(pid: int) -> dict[int, dict[str, int]]:
+    return {member: io_counts(member) for member in process_tree(pid)}
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -276,8 +444,13 @@ class Stack:
             argv += ["--bybit-ws-url", upstream, "--bybit-rest-url", f"http://127.0.0.1:{sim_port}"]
             argv += ["--max-clients-total", str(scenario.clients + 1000), "--log-format", "text"]
             argv += ["--workers", str(proxy_workers(self.target))]
+            if self.target.partition("=")[0] == "proxy-uncompressed":
+                argv += ["--compression", "off"]
         elif self.target == "relay":
             argv = [py, "-m", "loadtest.relay", *common, "--symbols", symbols]
+        elif self.target.startswith("crelay"):
+            argv = [crelay_binary(), "--port", str(self.port), "--upstream-port", str(sim_port)]
+            argv += ["--symbols", symbols, *_crelay_options(self.target)]
         elif self.target in ("websockets", "websockets-uvloop"):
             argv = [py, "-m", "loadtest.ws_baseline", *common, "--symbols", symbols]
             argv += ["--loop", "uvloop" if self.target.endswith("uvloop") else "asyncio"]
@@ -346,7 +519,24 @@ def _py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] |
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False) -> dict[str, Any]:
+def _perf_record(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:
+    """`perf record` of the target (kernel and user, call graphs) during the window."""
+    import shutil
+
+    exe = shutil.which("perf")
+    if exe is None:
+        print(
+            "perf is not installed: no kernel profile (apt-get install linux-perf)", file=sys.stderr
+        )
+        return None
+    argv = [exe, "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(pid)]
+    argv += ["-o", str(output), "--", "sleep", str(int(seconds))]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_once(
+    scenario: Scenario, target: str, logs: Path, profile: bool = False, perf: bool = False
+) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     label = target.partition("=")[0]
     result: dict[str, Any] = {
@@ -358,7 +548,7 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
         "offered_per_s": scenario.offered,
         "loadavg_start": os.getloadavg()[0],
     }
-    streams = [f"ticker:{s}" for s in SYMBOLS[: scenario.streams]]
+    streams = [f"{scenario.kind}:{s}" for s in SYMBOLS[: scenario.streams]]
     with Stack(scenario, target, logs / f"{scenario.name}-{label}") as stack:
         assert stack.server is not None and stack.sim is not None
         url = f"ws://127.0.0.1:{stack.port}/ws"
@@ -381,6 +571,8 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
                     streams=streams,
                     connect_rate=scenario.connect_rate / scenario.workers,
                     ready_timeout=ready_timeout,
+                    client=scenario.client,
+                    slow=round(share * scenario.slow),
                 )
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
@@ -404,19 +596,29 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
             pids = {"server": pid, "sim": stack.sim.pid}
             pids.update({f"client{i}": proc.pid for i, (proc, _) in enumerate(workers)})
             cpu0 = {name: cpu_seconds(p) for name, p in pids.items()}
-            server0 = tree_cpu(pid)
+            server0, split0, io0 = tree_cpu(pid), tree_split(pid), tree_io(pid)
             spy = None
             if profile:
                 output = logs / f"{scenario.name}-{label}" / "py-spy.txt"
                 spy = _py_spy(pid, scenario.duration - 1, output)
                 result["profile"] = str(output)
+            elif perf:
+                output = logs / f"{scenario.name}-{label}" / "perf.data"
+                spy = _perf_record(pid, scenario.duration - 1, output)
+                result["perf"] = str(output)
             time.sleep(max(0.0, t1 - time.time()))
             cpu1 = {name: cpu_seconds(p) for name, p in pids.items()}
-            server1 = tree_cpu(pid)
+            server1, split1, io1 = tree_cpu(pid), tree_split(pid), tree_io(pid)
             rss_end = tree_rss_kib(pid)
+            kernel_sockets, kernel_buffers = socket_buffers(stack.port)
             finals = [_recv(conn, 60) for _, conn in workers]
             if spy is not None:
                 spy.wait(30)
+                if perf and spy.returncode == 0:
+                    from loadtest.perfsplit import split
+
+                    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+                        result["perf_split"] = split(result["perf"])
         finally:
             for proc, conn in workers:
                 if not told:  # failed before the window: let the workers close and exit
@@ -438,6 +640,10 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
     count = sum(f["count"] for f in finals)
     # the whole process tree: a proxy with workers is a supervisor, its workers and helpers
     server_cpu = sum(server1[p] - server0[p] for p in server1 if p in server0)
+    user_s = sum(split1[p][0] - split0[p][0] for p in split1 if p in split0)
+    kernel_s = sum(split1[p][1] - split0[p][1] for p in split1 if p in split0)
+    writes = sum(io1[p].get("syscw", 0) - io0[p].get("syscw", 0) for p in io1 if p in io0)
+    written = sum(io1[p].get("wchar", 0) - io0[p].get("wchar", 0) for p in io1 if p in io0)
     spans = [hi - lo + 1 for f in finals for lo, hi in f["spans"].values()]
     result.update(
         {
@@ -451,6 +657,10 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
                 "max": round(max((f["max_ms"] for f in finals), default=0.0), 1),
             },
             "lost": sum(f["lost"] for f in finals),
+            "slow_clients": sum(f["slow"]["clients"] for f in finals),
+            "slow_deliveries": sum(f["slow"]["count"] for f in finals),
+            "slow_skipped": sum(f["slow"]["lost"] for f in finals),
+            "slow_disconnects": sum(f["slow"]["disconnects"] for f in finals),
             "duplicates": sum(f["dup"] for f in finals),
             "disconnects": sum(f["disconnects"] for f in finals),
             "connected_at_end": sum(f["connected_at_end"] for f in finals),
@@ -461,6 +671,12 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
                 round((server1[p] - server0[p]) / window, 3) for p in server1 if p in server0
             ],
             "cpu_us_per_delivery": round(server_cpu / count * 1e6, 3) if count else None,
+            "user_us_per_delivery": round(user_s / count * 1e6, 3) if count else None,
+            "kernel_us_per_delivery": round(kernel_s / count * 1e6, 3) if count else None,
+            # write-family syscalls and the bytes they carried (the server's log lines too)
+            "writes_per_delivery": round(writes / count, 3) if count and writes else None,
+            "bytes_per_delivery": round(written / count, 1) if count and writes else None,
+            "kernel_us_per_write": round(kernel_s / writes * 1e6, 3) if writes else None,
             "sim_cpu_util": round((cpu1["sim"] - cpu0["sim"]) / window, 3),
             "clients_cpu_util": round(
                 sum(cpu1[k] - cpu0[k] for k in cpu0 if k.startswith("client")) / window, 3
@@ -471,6 +687,16 @@ def run_once(scenario: Scenario, target: str, logs: Path, profile: bool = False)
                 (max(rss_loaded, rss_end) - rss_idle) / result["connected"], 2
             )
             if result["connected"]
+            else None,
+            # the kernel's share per connection: the socket's slab objects and the buffers it
+            # holds at the window's end (ss -tm), beside the process's RSS above
+            "kernel_kib_per_conn": round(
+                (slab_bytes_per_socket() + kernel_buffers / kernel_sockets) / 1024, 2
+            )
+            if kernel_sockets
+            else None,
+            "kernel_buffers_kib_per_conn": round(kernel_buffers / kernel_sockets / 1024, 2)
+            if kernel_sockets
             else None,
             "errors": sorted({e for r in [*ready, *finals] for e in r["errors"]})[:10],
             "loadavg_end": os.getloadavg()[0],
@@ -494,8 +720,14 @@ _MEDIAN_KEYS = (
     "deliveries_per_s",
     "upstream_rate",
     "cpu_us_per_delivery",
+    "user_us_per_delivery",
+    "kernel_us_per_delivery",
+    "writes_per_delivery",
+    "bytes_per_delivery",
+    "kernel_us_per_write",
     "server_cpu_util",
     "rss_per_conn_kib",
+    "kernel_kib_per_conn",
     "clients_cpu_util",
 )
 
@@ -533,12 +765,16 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["target"] != "proxy" or not row["cpu_us_per_delivery"]:
             continue
-        for base in ("relay", "websockets", "websockets-uvloop"):
+        for base in ("relay", "crelay", "websockets", "websockets-uvloop", "proxy-uncompressed"):
             other = by_key.get((row["scenario"], base))
             if other and other["cpu_us_per_delivery"]:
                 row[f"cpu_vs_{base}"] = round(
                     row["cpu_us_per_delivery"] / other["cpu_us_per_delivery"], 2
                 )
+                if row.get("bytes_per_delivery") and other.get("bytes_per_delivery"):
+                    row[f"bytes_vs_{base}"] = round(
+                        row["bytes_per_delivery"] / other["bytes_per_delivery"], 3
+                    )
     return rows
 
 
@@ -546,7 +782,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'scenario':<9} {'target':<10} {'clients':>7} {'deliv/s':>8} {'p50':>6} {'p90':>6} "
         f"{'p99':>7} {'max':>7} {'lost':>5} {'disc':>5} {'CPU us/d':>8} {'core':>5} "
-        f"{'KiB/conn':>8} {'conn p99':>8} {'vs relay':>8} {'vs ws':>6}"
+        f"{'KiB/conn':>8} {'conn p99':>8} {'vs relay':>8} {'vs C':>6} {'vs ws':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -561,7 +797,39 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{num(r['latency_max_ms'], 7)} {r['lost']:>5} {r['disconnects']:>5} "
             f"{num(r['cpu_us_per_delivery'], 8, '.2f')} {num(r['server_cpu_util'], 5, '.2f')} "
             f"{num(r['rss_per_conn_kib'], 8)} {num(r['connect_p99_ms'], 8, '.0f')} "
-            f"{num(r.get('cpu_vs_relay'), 8, '.2f')} {num(r.get('cpu_vs_websockets'), 6, '.2f')}"
+            f"{num(r.get('cpu_vs_relay'), 8, '.2f')} {num(r.get('cpu_vs_crelay'), 6, '.2f')} "
+            f"{num(r.get('cpu_vs_websockets'), 6, '.2f')}"
+        )
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table, the README's layout."""
+
+    def num(value: Any, fmt: str = ",.0f") -> str:
+        return format(value, fmt) if isinstance(value, int | float) else "-"
+
+    lines = [
+        "| scenario | server | clients | delivered/s | latency p50 / p99 / max, ms | lost "
+        "| CPU µs per delivery (user + kernel) | writes per delivery | bytes per delivery "
+        "| RSS + kernel KiB per connection | connect p99, ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cpu = num(r["cpu_us_per_delivery"], ".2f")
+        if r.get("user_us_per_delivery") is not None:
+            cpu += (
+                f" ({num(r['user_us_per_delivery'], '.2f')} + "
+                f"{num(r['kernel_us_per_delivery'], '.2f')})"
+            )
+        latency = " / ".join(num(r[f"latency_{k}_ms"], ",.1f") for k in ("p50", "p99", "max"))
+        lines.append(
+            f"| {r['scenario']} | {r['target']} | {num(r['clients'])} "
+            f"| {num(r['deliveries_per_s'])} | {latency} | {r['lost']} | {cpu} "
+            f"| {num(r.get('writes_per_delivery'), '.2f')} "
+            f"| {num(r.get('bytes_per_delivery'), ',.0f')} "
+            f"| {num(r['rss_per_conn_kib'], '.1f')} + {num(r.get('kernel_kib_per_conn'), '.1f')} "
+            f"| {num(r['connect_p99_ms'])} |"
         )
     return "\n".join(lines)
 
@@ -579,6 +847,7 @@ def draw_chart(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     colors = {
         "proxy": "tab:blue",
         "relay": "tab:green",
+        "crelay": "tab:grey",
         "websockets": "tab:red",
         "websockets-uvloop": "tab:orange",
     }
@@ -642,13 +911,13 @@ def main(argv: list[str] | None = None) -> int:
         "--scenario",
         nargs="+",
         default=["S1"],
-        help=f"any of {', '.join(SCENARIOS)}, or all (S1-S4)",
+        help=f"any of {', '.join(SCENARIOS)}, or all (S1-S8)",
     )
     parser.add_argument(
         "--targets",
-        default=",".join(DEFAULT_TARGETS),
-        help="comma-separated; NAME=TREE (NAME starting with proxy) runs the proxy from another "
-        "source tree, to compare two versions in one run",
+        help="comma-separated (default: each scenario's own, else "
+        f"{','.join(DEFAULT_TARGETS)}); NAME=TREE (NAME starting with proxy) runs the proxy from "
+        "another source tree, to compare two versions in one run",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians reported")
     parser.add_argument("--clients", type=int, help="override the scenario's client count")
@@ -658,12 +927,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="results file (default: under --out)")
     parser.add_argument("--chart", type=Path, help="PNG file (default: under --out)")
     parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--markdown", type=Path, help="also write the summary as a Markdown table")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the target during each window"
     )
+    parser.add_argument(
+        "--perf", action="store_true", help="perf record the target during each window"
+    )
     args = parser.parse_args(argv)
 
-    names = ["S1", "S2", "S3", "S4"] if args.scenario == ["all"] else args.scenario
+    every = ["S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8"]
+    names = every if args.scenario == ["all"] else args.scenario
     scenarios: list[Scenario] = []
     for name in names:
         if name not in SCENARIOS:
@@ -676,9 +950,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers:
                 scenario = replace(scenario, workers=args.workers)
             scenarios.append(scenario)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    for target in targets:
-        if target not in TARGETS and not (
+    chosen = [t.strip() for t in (args.targets or "").split(",") if t.strip()]
+    for scenario in scenarios:
+        scenario.targets = tuple(chosen or scenario.targets or DEFAULT_TARGETS)
+    for target in {t for s in scenarios for t in s.targets}:
+        if target.startswith("crelay-"):
+            try:
+                _crelay_options(target)
+            except ValueError as exc:
+                parser.error(str(exc))
+        elif target not in TARGETS and not (
             target.startswith("proxy") and ("=" in target or proxy_workers(target) > 1)
         ):
             parser.error(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
@@ -691,10 +972,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     for scenario in scenarios:
         for repeat in range(args.repeat):
-            for target in targets:
+            for target in scenario.targets:
                 print(f"[{scenario.name} {target} run {repeat + 1}/{args.repeat}]", flush=True)
                 try:
-                    result = run_once(scenario, target, logs, args.profile)
+                    result = run_once(scenario, target, logs, args.profile, args.perf)
                 except RuntimeError as exc:
                     print(f"  failed: {exc}", flush=True)
                     continue
@@ -725,6 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or args.out / f"fanout-{stamp}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        args.markdown.write_text(format_markdown(rows) + "\n")
     print(f"\nresults: {json_path}")
     if not args.no_chart and rows:
         chart = args.chart or args.out / f"fanout-{stamp}.png"

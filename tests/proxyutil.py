@@ -109,13 +109,17 @@ class RawClient:
     """A WebSocket client on a bare socket: it reads only when told to, and never answers pings
     unless told to. For slow-reader and idle tests that a polite library cannot act out."""
 
-    def __init__(self, port: int, connection_header: str = "Upgrade", rcvbuf: int = 0) -> None:
+    def __init__(
+        self, port: int, connection_header: str = "Upgrade", rcvbuf: int = 0, extensions: str = ""
+    ) -> None:
         self.port = port
         self.connection_header = connection_header
         self.rcvbuf = rcvbuf
+        self.extensions = extensions  # a Sec-WebSocket-Extensions offer, sent when not empty
         self.reader: asyncio.StreamReader
         self.writer: asyncio.StreamWriter
         self.status_line = b""
+        self.head = b""  # the server's response head
 
     async def connect(self) -> RawClient:
         sock = socket.socket()
@@ -126,20 +130,22 @@ class RawClient:
         limit = 2**16 if not self.rcvbuf else self.rcvbuf
         self.reader, self.writer = await asyncio.open_connection(sock=sock, limit=limit)
         key = base64.b64encode(os.urandom(16)).decode()
+        offer = f"Sec-WebSocket-Extensions: {self.extensions}\r\n" if self.extensions else ""
         self.writer.write(
             (
                 "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                 f"Connection: {self.connection_header}\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{offer}\r\n"
             ).encode()
         )
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
         self.status_line = head.split(b"\r\n", 1)[0]
+        self.head = head
         return self
 
-    def send_frame(self, opcode: int, payload: bytes) -> None:
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> None:
         mask = os.urandom(4)
-        header = bytearray([0x80 | opcode])
+        header = bytearray([(0x80 if fin else 0) | rsv | opcode])
         length = len(payload)
         if length < 126:
             header.append(0x80 | length)
@@ -156,13 +162,18 @@ class RawClient:
         self.send_frame(0x1, orjson.dumps(obj))
 
     async def read_frame(self, timeout: float = 10.0) -> tuple[int, bytes]:
+        first, payload = await self.read_raw_frame(timeout)
+        return first & 0x0F, payload
+
+    async def read_raw_frame(self, timeout: float = 10.0) -> tuple[int, bytes]:
+        """(the frame's first byte: FIN, RSV bits and opcode; its payload as sent)."""
         head = await asyncio.wait_for(self.reader.readexactly(2), timeout)
-        opcode, length = head[0] & 0x0F, head[1] & 0x7F
+        first, length = head[0], head[1] & 0x7F
         if length == 126:
             length = int.from_bytes(await self.reader.readexactly(2), "big")
         elif length == 127:
             length = int.from_bytes(await self.reader.readexactly(8), "big")
-        return opcode, await self.reader.readexactly(length)
+        return first, await self.reader.readexactly(length)
 
     async def read_until_close(self, timeout: float = 30.0) -> int | None:
         """Read frames until a close frame (its code) or EOF (None)."""

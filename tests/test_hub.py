@@ -55,7 +55,8 @@ class FakeBus:
 
 
 class FakeSession:
-    def __init__(self) -> None:
+    def __init__(self, deflate: bool = False) -> None:
+        self.deflate = deflate
         self.out: list[bytes] = []
         self.streams: set[Stream] = set()
         self.writes: list[bytes] = []
