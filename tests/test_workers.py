@@ -401,7 +401,13 @@ async def test_with_redis_the_machine_is_one_node_and_one_redis_client(
                         assert frames.setdefault(key, raw) == raw, key
                 stats = await node.stats()
                 assert stats["bus"]["engine"] == "local+redis"
-                assert stats["bus"]["nodes"] == 2  # the machine and the other node
+
+                async def both_nodes_seen() -> bool:
+                    # the node registry is read on the bus's next pass, and the figures reach
+                    # the workers' /stats on their next report: wait for both, do not race them
+                    return (await node.stats())["bus"]["nodes"] == 2
+
+                await until_async(both_nodes_seen, 15, "the machine and the other node counted")
                 assert private_redis.port in tcp_peer_ports(stats["node"]["pid"])
                 for worker in share:
                     assert private_redis.port not in tcp_peer_ports(worker)
