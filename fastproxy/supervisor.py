@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastproxy import __version__, ipc, nodestats
-from fastproxy.app import feed_figures, health_reasons
+from fastproxy.app import feed_figures, health_reasons, history_of, upstream_settings
 from fastproxy.bus import Bus, MemoryBus
 from fastproxy.bus.local import LocalBus, LocalHub
 from fastproxy.codec import IMPLEMENTATION
@@ -45,7 +45,7 @@ from fastproxy.hub import Hub
 from fastproxy.logs import setup_logging
 from fastproxy.metrics import metrics_renderer
 from fastproxy.server import ProxyServer
-from fastproxy.upstream import SymbolCatalogue, UpstreamSettings, default_rest_url
+from fastproxy.upstream import SymbolCatalogue, default_rest_url
 
 log = logging.getLogger("fastproxy.supervisor")
 
@@ -219,19 +219,17 @@ class Supervisor:
         self._worker_config = config.replace(
             port=port, demo=False, bybit_ws_url=ws_url, bybit_rest_url=rest_url
         )
-        settings = UpstreamSettings(
-            url=ws_url,
-            ping_interval=config.upstream_ping_interval,
-            max_topics_per_conn=config.upstream_topics_per_connection,
-        )
-        self.feed = Feed(settings)
+        self.feed = Feed(upstream_settings(config, ws_url))
         if config.redis_url:
             from fastproxy.bus.redis.shell import RedisBus
 
             self.engine = RedisBus(self.feed, config)
         else:
             self.engine = MemoryBus(self.feed)
-        self.local = LocalHub(self.engine, self._path, linger=config.unsubscribe_linger)
+        # the machine's history: a client resuming on any worker is served from it
+        self.local = LocalHub(
+            self.engine, self._path, linger=config.unsubscribe_linger, history=history_of(config)
+        )
         await self.local.start()
         await self.feed.start()
         await self.engine.start()
@@ -379,7 +377,7 @@ class Worker:
         self.config = config
         self.index = index
         self.bus = LocalBus(path, index, on_lost=self._feed_lost)
-        self.hub = Hub(self.bus, linger=config.unsubscribe_linger)
+        self.hub = Hub(self.bus, linger=config.unsubscribe_linger, history=history_of(config))
         self.bus.attach(self.hub)
         self.catalogue = SymbolCatalogue(
             config.bybit_rest_url or default_rest_url(config.bybit_ws_url)

@@ -26,9 +26,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from fastproxy.client import Client as FastClient
+from fastproxy.client import Event
 from fastproxy.sim import Simulator
 from tests.conftest import free_port
 from tests.proxyutil import running_sim
+from tests.test_client import record_trades
 from tests.test_cluster import Client, Proxy, until, until_async
 from tests.test_cluster_bus import (  # noqa: F401 (a fixture)
     PrivateRedis,
@@ -415,3 +418,48 @@ async def test_with_redis_the_machine_is_one_node_and_one_redis_client(
                 await close_all(clients)
         finally:
             other.stop()
+
+
+async def test_a_client_of_a_killed_worker_resumes_on_another_and_misses_no_trade() -> None:
+    """The machine's history lives in the feed process, so a client whose worker was killed
+    resumes on the worker it reconnects to and gets every trade exactly once, no gap."""
+    async with (
+        running_sim(trade_rate=40.0) as sim,
+        # the linger keeps the stream upstream while its only client is away (on a real node
+        # other clients do that), so that there is something to resume
+        node_of(sim, 2, "--unsubscribe-linger", "10") as node,
+    ):
+        sent = record_trades(sim, "BTCUSDT")
+        received: list[str] = []
+        gaps: list[Event] = []
+        resumed_on: set[int] = set()
+        async with FastClient(node.ws_url, backoff_base=0.05, backoff_cap=0.5) as client:
+            await client.subscribe("trade:BTCUSDT")
+            loop = asyncio.get_running_loop()
+            kill_at = loop.time() + 1.5
+            victim: int | None = None
+            done_at: float | None = None
+            async with asyncio.timeout(40):
+                async for event in client:
+                    if event.kind == "gap":
+                        gaps.append(event)
+                    if event.kind == "data" and event.arg == "trade:BTCUSDT":
+                        received.extend(trade["id"] for trade in event.message["data"])
+                    if victim is None and loop.time() >= kill_at:
+                        share = await node.worker_clients()
+                        victim = next(pid for pid, count in share.items() if count)
+                        os.kill(victim, signal.SIGKILL)
+                    if client.reconnects and done_at is None:
+                        done_at = loop.time() + 2.0
+                    if done_at is not None and loop.time() > done_at:
+                        break
+            share = await node.worker_clients()
+            resumed_on = {pid for pid, count in share.items() if count}
+        assert victim is not None and client.reconnects >= 1
+        assert victim not in resumed_on
+        assert gaps == []
+        # every trade the exchange sent between the client's first and last, exactly once
+        first, last = sent.index(received[0]), sent.index(received[-1])
+        assert received == sent[first : last + 1]
+        assert len(received) > 100
+        assert sim.subscription_counts().get("publicTrade.BTCUSDT") == 1
