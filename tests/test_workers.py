@@ -31,8 +31,12 @@ from fastproxy.client import Event
 from fastproxy.sim import Simulator
 from tests.conftest import free_port
 from tests.proxyutil import running_sim
+from tests.test_books_e2e import STREAM as BOOK_STREAM
+from tests.test_books_e2e import TOPIC as BOOK_TOPIC
 from tests.test_client import record_trades
 from tests.test_cluster import Client, Proxy, until, until_async
+from tests.test_cluster_books import ARG as BOOK_ARG
+from tests.test_cluster_books import checker, replay
 from tests.test_cluster_bus import (  # noqa: F401 (a fixture)
     PrivateRedis,
     bus_url,
@@ -463,3 +467,33 @@ async def test_a_client_of_a_killed_worker_resumes_on_another_and_misses_no_trad
         assert received == sent[first : last + 1]
         assert len(received) > 100
         assert sim.subscription_counts().get("publicTrade.BTCUSDT") == 1
+
+
+async def test_book_joiners_on_every_worker_get_the_whole_book_at_once_and_keep_it() -> None:
+    """Each worker keeps its own copy of the book: the first joiner on a worker is served the
+    feed's whole book, later ones that worker's copy; every client's book stays the
+    exchange's at every updateId."""
+    async with running_sim() as sim, node_of(sim) as node:
+        truth = sim.record_books(BOOK_TOPIC)
+        clients: list[Client] = []
+        try:
+            for _ in range(CLIENTS):
+                client = (await open_clients(node, 1, BOOK_ARG))[0]
+                clients.append(client)
+                # served at once (the exchange sends no snapshot on its own after the first)
+                await until(lambda c=client: bool(c.of(BOOK_STREAM)), 10, "a joiner's book")
+                opening = client.of(BOOK_STREAM)[0]
+                assert opening["type"] == "snapshot"
+                assert len(opening["data"]["bids"]) == 50 and len(opening["data"]["asks"]) == 50
+            share = await spread(node, CLIENTS)
+            assert len(share) == 2 and all(n >= 2 for n in share.values()), share
+            await until(
+                lambda: all(len(c.of(BOOK_STREAM)) >= 5 for c in clients), 20, "updates for all"
+            )
+            for client in clients:
+                book = checker(truth)
+                replay(book, client)
+                assert book.updates >= 4 and len(book.snapshots) == 1
+            assert sim.subscription_counts().get(BOOK_TOPIC) == 1
+        finally:
+            await close_all(clients)
