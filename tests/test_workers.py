@@ -497,3 +497,29 @@ async def test_book_joiners_on_every_worker_get_the_whole_book_at_once_and_keep_
             assert sim.subscription_counts().get(BOOK_TOPIC) == 1
         finally:
             await close_all(clients)
+
+
+async def test_the_machine_fetches_the_symbol_list_once_and_every_worker_checks_it() -> None:
+    async with running_sim() as sim, node_of(sim) as node:
+
+        async def known() -> bool:
+            return (await node.stats())["catalogue"].get("known", False)
+
+        await until_async(known, 20, "the symbol list known")
+        sockets = [
+            await connect(node.ws_url, ping_interval=None, open_timeout=30) for _ in range(CLIENTS)
+        ]
+        try:
+            share = await spread(node, CLIENTS)
+            assert all(share.values()), share
+            for ws in sockets:  # refused by name on every worker: the list is there
+                await ws.send(
+                    orjson.dumps({"op": "subscribe", "args": ["ticker:NOSUCHUSDT"]}).decode()
+                )
+                reply = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert reply["success"] is False, reply
+                assert "unknown symbol NOSUCHUSDT" in orjson.dumps(reply).decode(), reply
+            # one fetch for the machine, not one per worker
+            assert sim.http_requests["/v5/market/instruments-info"] == 1
+        finally:
+            await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)

@@ -110,6 +110,8 @@ class _WorkerLink(asyncio.Protocol):
     def _on_hello(self, body: memoryview) -> None:
         hello = ipc.decode_json(body)
         self.worker, self.pid = int(hello["worker"]), int(hello["pid"])
+        if self.hub.symbols is not None:
+            self.send(self.hub.symbols)
 
     def _on_acquire(self, body: memoryview) -> None:
         self.hub.acquire(self, parse_stream_arg(ipc.decode_text(body)))
@@ -155,6 +157,7 @@ class LocalHub:
         self._server: asyncio.AbstractServer | None = None
         self.messages_in = 0
         self.records_out = 0
+        self.symbols: bytes | None = None  # the SYMBOLS record every worker has (or gets)
         engine.attach(self)
 
     async def start(self) -> None:
@@ -344,6 +347,12 @@ class LocalHub:
 
     # -- to workers ----------------------------------------------------------------------
 
+    def share_symbols(self, symbols: frozenset[str]) -> None:
+        """The exchange's symbol list, fetched once for the machine: to every worker now and
+        to every worker that links later."""
+        self.symbols = ipc.encode_json(ipc.SYMBOLS, sorted(symbols))
+        self.broadcast(self.symbols)
+
     def broadcast(self, record: bytes) -> None:
         for link in self.links:
             link.send(record)
@@ -399,6 +408,7 @@ class _FeedLink(asyncio.Protocol):
             ipc.STATUS: bus._on_status,
             ipc.READY: bus._on_ready,
             ipc.HISTORY: bus._on_history,
+            ipc.SYMBOLS: bus._on_symbols,
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -444,9 +454,15 @@ class LocalBus:
         self._syncs: dict[int, asyncio.Future[Any]] = {}
         self._sync_token = 0
         self._ready: set[str] = set()
+        self.symbols: frozenset[str] | None = None  # the exchange's list, from the feed process
 
     def attach(self, handler: Handler) -> None:
         self._delivery.attach(handler)
+
+    def symbol_known(self, symbol: str) -> bool | None:
+        """True/False once the feed process has the exchange's list; None until then."""
+        symbols = self.symbols
+        return None if symbols is None else symbol in symbols
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -615,6 +631,9 @@ class LocalBus:
 
     def _on_history(self, body: memoryview) -> None:
         self._answer(*ipc.decode_history(body))
+
+    def _on_symbols(self, body: memoryview) -> None:
+        self.symbols = frozenset(ipc.decode_json(body))
 
     def _on_ready(self, body: memoryview) -> None:
         sid = ipc.decode_text(body)
