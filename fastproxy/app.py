@@ -53,12 +53,7 @@ class App:
             await self.sim.start()
             ws_url, rest_url = self.sim.ws_url("linear"), self.sim.http_url
             log.info("demo mode: upstream is the bundled simulator", extra={"url": ws_url})
-        settings = UpstreamSettings(
-            url=ws_url,
-            ping_interval=config.upstream_ping_interval,
-            stale_after=config.upstream_stale_after,
-            max_topics_per_conn=config.upstream_topics_per_connection,
-        )
+        settings = upstream_settings(config, ws_url)
         self.catalogue = SymbolCatalogue(rest_url or default_rest_url(ws_url))
         # feed -> bus -> hub: the feed's output goes to the bus engine, which decides what
         # this node's hub gets (fastproxy.bus); the hub asks the bus for streams
@@ -67,9 +62,7 @@ class App:
         self.hub = Hub(
             self.bus,
             linger=config.unsubscribe_linger,
-            history=History(
-                config.history_max_messages, config.history_max_age, config.history_max_bytes
-            ),
+            history=history_of(config),
         )
         self.bus.attach(self.hub)
         self.server = ProxyServer(
@@ -179,6 +172,21 @@ class App:
             await asyncio.wait_for(self.stop(), self.config.shutdown_timeout)
         except TimeoutError:
             log.warning("graceful stop took too long; exiting anyway")
+
+
+def upstream_settings(config: Config, ws_url: str) -> UpstreamSettings:
+    """The upstream pool's settings from the config (one node, or a machine's feed process)."""
+    return UpstreamSettings(
+        url=ws_url,
+        ping_interval=config.upstream_ping_interval,
+        stale_after=config.upstream_stale_after,
+        max_topics_per_conn=config.upstream_topics_per_connection,
+    )
+
+
+def history_of(config: Config) -> History:
+    """The rings resumes are served from, bounded as configured."""
+    return History(config.history_max_messages, config.history_max_age, config.history_max_bytes)
 
 
 def feed_figures(feed: Feed) -> dict[str, Any]:

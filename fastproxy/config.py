@@ -425,6 +425,18 @@ class Config:
     tls_key: str = ""
     demo: bool = field(default=False)
 
+    def __post_init__(self) -> None:
+        # A list setting given in code as one string ("a,b", as the environment gives it) is
+        # parsed as the environment's would be, never taken character by character.
+        for name, parse in (
+            ("api_keys", _words),
+            ("trusted_proxies", _networks),
+            ("allowed_origins", _origins),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, parse(value))
+
     def replace(self, **changes: Any) -> Config:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)

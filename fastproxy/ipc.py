@@ -29,6 +29,7 @@ SYNCED = ord("Y")  # body: JSON {"token": n, "bus": the feed-side engine's statu
 STATUS = ord("F")  # body: JSON [stream id, stale reason or null, since ms] (freshness)
 READY = ord("D")  # body: stream id; every Message of it reaches this worker from here on
 HISTORY = ord("I")  # body: token, found, then (seq, frame) pairs: an answer to HISTORY_ASK
+SYMBOLS = ord("L")  # body: JSON list of the exchange's symbols (the machine fetches it once)
 # worker -> feed
 HELLO = ord("H")  # body: JSON {"worker": id, "pid": pid}
 ACQUIRE = ord("A")  # body: the stream's client arg

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastproxy import __version__, ipc, nodestats
-from fastproxy.app import feed_figures, health_reasons
+from fastproxy.app import feed_figures, health_reasons, history_of, upstream_settings
 from fastproxy.bus import Bus, MemoryBus
 from fastproxy.bus.local import LocalBus, LocalHub
 from fastproxy.codec import IMPLEMENTATION
@@ -45,7 +45,7 @@ from fastproxy.hub import Hub
 from fastproxy.logs import setup_logging
 from fastproxy.metrics import metrics_renderer
 from fastproxy.server import ProxyServer
-from fastproxy.upstream import SymbolCatalogue, UpstreamSettings, default_rest_url
+from fastproxy.upstream import SymbolCatalogue, default_rest_url
 
 log = logging.getLogger("fastproxy.supervisor")
 
@@ -158,6 +158,7 @@ class Supervisor:
         self.feed: Feed | None = None
         self.engine: Bus | None = None
         self.local: LocalHub | None = None
+        self.catalogue: SymbolCatalogue | None = None
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.retired: dict[str, Any] = {}
         self.restarts = 0
@@ -219,24 +220,27 @@ class Supervisor:
         self._worker_config = config.replace(
             port=port, demo=False, bybit_ws_url=ws_url, bybit_rest_url=rest_url
         )
-        settings = UpstreamSettings(
-            url=ws_url,
-            ping_interval=config.upstream_ping_interval,
-            max_topics_per_conn=config.upstream_topics_per_connection,
-        )
-        self.feed = Feed(settings)
+        self.feed = Feed(upstream_settings(config, ws_url))
+        # fetched once for the machine; the workers get it over the local bus
+        self.catalogue = SymbolCatalogue(rest_url or default_rest_url(ws_url))
         if config.redis_url:
             from fastproxy.bus.redis.shell import RedisBus
 
             self.engine = RedisBus(self.feed, config)
         else:
             self.engine = MemoryBus(self.feed)
-        self.local = LocalHub(self.engine, self._path, linger=config.unsubscribe_linger)
+        # the machine's history: a client resuming on any worker is served from it
+        self.local = LocalHub(
+            self.engine, self._path, linger=config.unsubscribe_linger, history=history_of(config)
+        )
         await self.local.start()
         await self.feed.start()
         await self.engine.start()
+        await self.catalogue.start()  # in the background: the port opens without waiting
 
     async def _stop_feed(self) -> None:
+        if self.catalogue is not None:
+            await self.catalogue.stop()
         if self.local is not None:
             await self.local.stop()
         if self.engine is not None:
@@ -322,9 +326,14 @@ class Supervisor:
     # -- the node's numbers --------------------------------------------------------------
 
     async def _report(self) -> None:
+        shared: frozenset[str] | None = None
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
-            assert self.local is not None
+            assert self.local is not None and self.catalogue is not None
+            symbols = self.catalogue.symbols
+            if symbols is not None and symbols is not shared:
+                self.local.share_symbols(symbols)
+                shared = symbols
             self.local.broadcast(ipc.encode_json(ipc.NODE, self.snapshot()))
 
     def snapshot(self) -> dict[str, Any]:
@@ -349,6 +358,7 @@ class Supervisor:
             "bus": bus,
             "engine": self.engine.status(),
             "feed": feed_figures(self.feed),
+            "catalogue": self.catalogue.status() if self.catalogue is not None else {},
             "health": self._health(),
         }
 
@@ -379,15 +389,12 @@ class Worker:
         self.config = config
         self.index = index
         self.bus = LocalBus(path, index, on_lost=self._feed_lost)
-        self.hub = Hub(self.bus, linger=config.unsubscribe_linger)
+        self.hub = Hub(self.bus, linger=config.unsubscribe_linger, history=history_of(config))
         self.bus.attach(self.hub)
-        self.catalogue = SymbolCatalogue(
-            config.bybit_rest_url or default_rest_url(config.bybit_ws_url)
-        )
         self.server = ProxyServer(
             config,
             self.hub,
-            symbol_known=self.catalogue.check,
+            symbol_known=self.bus.symbol_known,
             health=self.health,
             stats=self.stats,
             metrics=metrics_renderer(self.stats),
@@ -405,7 +412,6 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        await self.catalogue.start()
         await self.bus.start()
         await self.bus.first_node.wait()  # /stats answers for the node from the first request
         await self.server.start()
@@ -423,7 +429,6 @@ class Worker:
         await self.server.drain()
         self.hub.close()
         await self.bus.stop()
-        await self.catalogue.stop()
         await self.server.stop()
 
     async def _report(self) -> None:
@@ -491,7 +496,7 @@ class Worker:
             "pubsub": hub,  # the same figures under their first name, for existing readers
             "bus": node.get("bus", {}),
             "feed": node.get("feed", {}),
-            "catalogue": self.catalogue.status(),
+            "catalogue": node.get("catalogue", {}),
         }
 
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from fastproxy.config import BYBIT_MAINNET_WS, BYBIT_TESTNET_WS, ConfigError, load
+from fastproxy.config import BYBIT_MAINNET_WS, BYBIT_TESTNET_WS, Config, ConfigError, load
 
 
 def test_defaults_match_the_original() -> None:
@@ -78,3 +78,17 @@ def test_readme_config_table_is_current() -> None:
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert describe() in readme, "README's configuration table is stale: paste config.describe()"
+
+
+def test_list_settings_given_in_code_as_one_string_are_parsed_as_the_environment_would_be() -> None:
+    config = Config(
+        api_keys="k1, k2",  # type: ignore[arg-type]
+        trusted_proxies="10.0.0.0/8,127.0.0.1",  # type: ignore[arg-type]
+        allowed_origins="https://app.example.com",  # type: ignore[arg-type]
+    )
+    assert config.api_keys == ("k1", "k2")
+    assert config.trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32")
+    assert config.allowed_origins == ("https://app.example.com",)
+    assert config.replace(port=1).trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32")
+    with pytest.raises(ValueError):
+        Config(trusted_proxies="not-a-network")  # type: ignore[arg-type]

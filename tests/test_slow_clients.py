@@ -231,7 +231,8 @@ async def test_book_client_conflated_gets_a_snapshot_then_valid_updates() -> Non
         raw.send_text({"op": "subscribe", "args": ["orderbook:50:BTCUSDT"]})
         await raw.read_frame()
         loop = asyncio.get_running_loop()
-        messages, code = await read_messages(raw, 0.02, loop.time() + 12)
+        # 10 frames a second against the book's 50: behind whatever the machine's load
+        messages, code = await read_messages(raw, 0.1, loop.time() + 8)
         assert code is None
         book = [m for _, m in messages if "seq" in m]
         assert book[0]["type"] == "snapshot"

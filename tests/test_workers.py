@@ -26,10 +26,17 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from fastproxy.client import Client as FastClient
+from fastproxy.client import Event
 from fastproxy.sim import Simulator
 from tests.conftest import free_port
 from tests.proxyutil import running_sim
+from tests.test_books_e2e import STREAM as BOOK_STREAM
+from tests.test_books_e2e import TOPIC as BOOK_TOPIC
+from tests.test_client import record_trades
 from tests.test_cluster import Client, Proxy, until, until_async
+from tests.test_cluster_books import ARG as BOOK_ARG
+from tests.test_cluster_books import checker, replay
 from tests.test_cluster_bus import (  # noqa: F401 (a fixture)
     PrivateRedis,
     bus_url,
@@ -415,3 +422,104 @@ async def test_with_redis_the_machine_is_one_node_and_one_redis_client(
                 await close_all(clients)
         finally:
             other.stop()
+
+
+async def test_a_client_of_a_killed_worker_resumes_on_another_and_misses_no_trade() -> None:
+    """The machine's history lives in the feed process, so a client whose worker was killed
+    resumes on the worker it reconnects to and gets every trade exactly once, no gap."""
+    async with (
+        running_sim(trade_rate=40.0) as sim,
+        # the linger keeps the stream upstream while its only client is away (on a real node
+        # other clients do that), so that there is something to resume
+        node_of(sim, 2, "--unsubscribe-linger", "10") as node,
+    ):
+        sent = record_trades(sim, "BTCUSDT")
+        received: list[str] = []
+        gaps: list[Event] = []
+        resumed_on: set[int] = set()
+        async with FastClient(node.ws_url, backoff_base=0.05, backoff_cap=0.5) as client:
+            await client.subscribe("trade:BTCUSDT")
+            loop = asyncio.get_running_loop()
+            kill_at = loop.time() + 1.5
+            victim: int | None = None
+            done_at: float | None = None
+            async with asyncio.timeout(40):
+                async for event in client:
+                    if event.kind == "gap":
+                        gaps.append(event)
+                    if event.kind == "data" and event.arg == "trade:BTCUSDT":
+                        received.extend(trade["id"] for trade in event.message["data"])
+                    if victim is None and loop.time() >= kill_at:
+                        share = await node.worker_clients()
+                        victim = next(pid for pid, count in share.items() if count)
+                        os.kill(victim, signal.SIGKILL)
+                    if client.reconnects and done_at is None:
+                        done_at = loop.time() + 2.0
+                    if done_at is not None and loop.time() > done_at:
+                        break
+            share = await node.worker_clients()
+            resumed_on = {pid for pid, count in share.items() if count}
+        assert victim is not None and client.reconnects >= 1
+        assert victim not in resumed_on
+        assert gaps == []
+        # every trade the exchange sent between the client's first and last, exactly once
+        first, last = sent.index(received[0]), sent.index(received[-1])
+        assert received == sent[first : last + 1]
+        assert len(received) > 100
+        assert sim.subscription_counts().get("publicTrade.BTCUSDT") == 1
+
+
+async def test_book_joiners_on_every_worker_get_the_whole_book_at_once_and_keep_it() -> None:
+    """Each worker keeps its own copy of the book: the first joiner on a worker is served the
+    feed's whole book, later ones that worker's copy; every client's book stays the
+    exchange's at every updateId."""
+    async with running_sim() as sim, node_of(sim) as node:
+        truth = sim.record_books(BOOK_TOPIC)
+        clients: list[Client] = []
+        try:
+            for _ in range(CLIENTS):
+                client = (await open_clients(node, 1, BOOK_ARG))[0]
+                clients.append(client)
+                # served at once (the exchange sends no snapshot on its own after the first)
+                await until(lambda c=client: bool(c.of(BOOK_STREAM)), 10, "a joiner's book")
+                opening = client.of(BOOK_STREAM)[0]
+                assert opening["type"] == "snapshot"
+                assert len(opening["data"]["bids"]) == 50 and len(opening["data"]["asks"]) == 50
+            share = await spread(node, CLIENTS)
+            assert len(share) == 2 and all(n >= 2 for n in share.values()), share
+            await until(
+                lambda: all(len(c.of(BOOK_STREAM)) >= 5 for c in clients), 20, "updates for all"
+            )
+            for client in clients:
+                book = checker(truth)
+                replay(book, client)
+                assert book.updates >= 4 and len(book.snapshots) == 1
+            assert sim.subscription_counts().get(BOOK_TOPIC) == 1
+        finally:
+            await close_all(clients)
+
+
+async def test_the_machine_fetches_the_symbol_list_once_and_every_worker_checks_it() -> None:
+    async with running_sim() as sim, node_of(sim) as node:
+
+        async def known() -> bool:
+            return (await node.stats())["catalogue"].get("known", False)
+
+        await until_async(known, 20, "the symbol list known")
+        sockets = [
+            await connect(node.ws_url, ping_interval=None, open_timeout=30) for _ in range(CLIENTS)
+        ]
+        try:
+            share = await spread(node, CLIENTS)
+            assert all(share.values()), share
+            for ws in sockets:  # refused by name on every worker: the list is there
+                await ws.send(
+                    orjson.dumps({"op": "subscribe", "args": ["ticker:NOSUCHUSDT"]}).decode()
+                )
+                reply = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert reply["success"] is False, reply
+                assert "unknown symbol NOSUCHUSDT" in orjson.dumps(reply).decode(), reply
+            # one fetch for the machine, not one per worker
+            assert sim.http_requests["/v5/market/instruments-info"] == 1
+        finally:
+            await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)

@@ -13,6 +13,9 @@ another worker already holds first gets the feed's last Message as its snapshot,
 client on every worker sees the same seq line with no gap and no duplicate. The worker's end
 applies the same delivery rules (fastproxy.bus.delivery) as every engine.
 
+A worker keeps its own copy of each book it holds, fed with every Message it receives (as a
+cluster follower does), so its late joiners get the whole book at once.
+
 A worker that stops reading (its buffer at the feed passes LINK_BUFFER_LIMIT) is cut off: it
 exits and the supervisor starts a fresh one; the feed never buffers without bound.
 """
@@ -29,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from fastproxy import ipc
 from fastproxy.bus.delivery import Delivery
-from fastproxy.codec import Message
+from fastproxy.codec import Codec, Message, new_codec
 from fastproxy.streams import KINDS, Stream, parse_stream_arg
-from fastproxy.wire import LastValues
+from fastproxy.wire import SNAPSHOT, LastValues
 
 if TYPE_CHECKING:
     from fastproxy.bus import Bus, Handler
@@ -107,6 +110,8 @@ class _WorkerLink(asyncio.Protocol):
     def _on_hello(self, body: memoryview) -> None:
         hello = ipc.decode_json(body)
         self.worker, self.pid = int(hello["worker"]), int(hello["pid"])
+        if self.hub.symbols is not None:
+            self.send(self.hub.symbols)
 
     def _on_acquire(self, body: memoryview) -> None:
         self.hub.acquire(self, parse_stream_arg(ipc.decode_text(body)))
@@ -152,6 +157,7 @@ class LocalHub:
         self._server: asyncio.AbstractServer | None = None
         self.messages_in = 0
         self.records_out = 0
+        self.symbols: bytes | None = None  # the SYMBOLS record every worker has (or gets)
         engine.attach(self)
 
     async def start(self) -> None:
@@ -192,7 +198,8 @@ class LocalHub:
             stale = self._stale.get(sid)
             if stale is not None:
                 link.send(ipc.encode_json(ipc.STATUS, [sid, *stale]))
-            snapshot = self._last.snapshot(sid)
+            # a book's last Message is a delta: the joining worker gets the whole book
+            snapshot = self.engine.snapshot(stream) if stream.is_delta else self._last.snapshot(sid)
             if snapshot is not None:
                 link.send(ipc.encode_message(snapshot))
         self._tell_ready(link, stream)
@@ -340,6 +347,12 @@ class LocalHub:
 
     # -- to workers ----------------------------------------------------------------------
 
+    def share_symbols(self, symbols: frozenset[str]) -> None:
+        """The exchange's symbol list, fetched once for the machine: to every worker now and
+        to every worker that links later."""
+        self.symbols = ipc.encode_json(ipc.SYMBOLS, sorted(symbols))
+        self.broadcast(self.symbols)
+
     def broadcast(self, record: bytes) -> None:
         for link in self.links:
             link.send(record)
@@ -395,6 +408,7 @@ class _FeedLink(asyncio.Protocol):
             ipc.STATUS: bus._on_status,
             ipc.READY: bus._on_ready,
             ipc.HISTORY: bus._on_history,
+            ipc.SYMBOLS: bus._on_symbols,
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -425,8 +439,10 @@ class LocalBus:
         self.path = path
         self.worker = worker
         self.on_lost = on_lost
-        self._delivery = Delivery()
+        self._delivery = Delivery(state=self.snapshot)
         self._held: dict[str, Stream] = {}
+        # this worker's copy of each book it holds, at the last seq it received (for joiners)
+        self._books: dict[str, Codec] = {}
         self._link: _FeedLink | None = None
         self._stopping = False
         self.linked = False
@@ -438,9 +454,15 @@ class LocalBus:
         self._syncs: dict[int, asyncio.Future[Any]] = {}
         self._sync_token = 0
         self._ready: set[str] = set()
+        self.symbols: frozenset[str] | None = None  # the exchange's list, from the feed process
 
     def attach(self, handler: Handler) -> None:
         self._delivery.attach(handler)
+
+    def symbol_known(self, symbol: str) -> bool | None:
+        """True/False once the feed process has the exchange's list; None until then."""
+        symbols = self.symbols
+        return None if symbols is None else symbol in symbols
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -470,7 +492,6 @@ class LocalBus:
         if stream.stream_id in self._held:
             return
         self._held[stream.stream_id] = stream
-        # a book's update never stands for the book here: a worker keeps no copy of it yet
         self._delivery.hold(stream.stream_id, stream)
         self._send(ipc.encode_text(ipc.ACQUIRE, stream.arg))
 
@@ -478,6 +499,7 @@ class LocalBus:
         if self._held.pop(stream.stream_id, None) is not None:
             # the feed may drop the stream's codec: a later acquire can start a new epoch
             self._delivery.forget(stream.stream_id)
+            self._books.pop(stream.stream_id, None)
             self._ready.discard(stream.stream_id)
             self._send(ipc.encode_text(ipc.RELEASE, stream.arg))
 
@@ -525,8 +547,9 @@ class LocalBus:
             link.transport.write(record)
 
     def snapshot(self, stream: Stream) -> Message | None:
-        """A worker keeps no copy of a book: its joiners wait for the exchange's next snapshot."""
-        return None
+        """This worker's copy of a book as a snapshot at the last seq received (None: none)."""
+        book = self._books.get(stream.stream_id)
+        return None if book is None else book.snapshot()
 
     def status(self) -> dict[str, Any]:
         """This worker's end. The machine's engine applies the delivery rules first, so a gap
@@ -552,30 +575,52 @@ class LocalBus:
 
     def _on_message(self, body: memoryview) -> None:
         fields = ipc.MessageFields(body)
-        if fields.stream_id not in self._held:
+        stream = self._held.get(fields.stream_id)
+        if stream is None:
             return
         self.messages_in += 1
         frame = fields.frame
-        self._delivery.deliver(
-            Message(
-                fields.stream_id,
-                fields.seq,
-                fields.type,
-                fields.ts,
-                ipc.frame_payload(frame),
-                frame,
-                fields.epoch,
-            )
+        message = Message(
+            fields.stream_id,
+            fields.seq,
+            fields.type,
+            fields.ts,
+            ipc.frame_payload(frame),
+            frame,
+            fields.epoch,
         )
+        if stream.is_delta:
+            self._follow_book(stream, message)
+        self._delivery.deliver(message)
+
+    def _follow_book(self, stream: Stream, message: Message) -> None:
+        """Apply a book's Message to this worker's copy before it is delivered (joiners and
+        conflated clients are served the copy at that seq). The feed sends a snapshot first
+        and on every break, so an update that does not follow the copy only drops it."""
+        sid = stream.stream_id
+        last = self._delivery.last_seq(sid)
+        if last is not None and message.seq <= last:
+            return  # a duplicate: the delivery rules drop it
+        book = self._books.get(sid)
+        if message.type == SNAPSHOT:
+            if book is None:
+                book = self._books[sid] = new_codec(stream)
+            book.follow(message)
+        elif book is not None and book.seq == message.seq - 1 and book.epoch == message.epoch:
+            book.follow(message)
+        else:
+            self._books.pop(sid, None)
 
     def _on_reset(self, body: memoryview) -> None:
         stream = self._held.get(ipc.decode_text(body))
         if stream is not None:
+            self._books.pop(stream.stream_id, None)
             self._delivery.reset(stream)
 
     def _on_reject(self, body: memoryview) -> None:
         sid, reason = ipc.decode_json(body)
         stream = self._held.pop(sid, None)
+        self._books.pop(sid, None)
         if stream is not None:
             self._delivery.reject(stream, reason)
 
@@ -586,6 +631,9 @@ class LocalBus:
 
     def _on_history(self, body: memoryview) -> None:
         self._answer(*ipc.decode_history(body))
+
+    def _on_symbols(self, body: memoryview) -> None:
+        self.symbols = frozenset(ipc.decode_json(body))
 
     def _on_ready(self, body: memoryview) -> None:
         sid = ipc.decode_text(body)

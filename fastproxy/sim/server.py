@@ -158,6 +158,7 @@ class Simulator:
         self._subs: dict[tuple[str, str], set[_Conn]] = {}
         self._ip_recent: dict[str, deque[float]] = defaultdict(deque)
         self._ip_open: dict[str, int] = defaultdict(int)
+        self.http_requests: dict[str, int] = defaultdict(int)  # REST path -> requests served
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -447,6 +448,7 @@ class Simulator:
     def _http(self, path: str, query_text: str) -> WSUpgradeResponseWithListener:
         query = {k: v[0] for k, v in parse_qs(query_text, keep_blank_values=True).items()}
         status, body = 200, b""
+        self.http_requests[path] += 1
         if path == "/v5/market/instruments-info":
             body = rest.instruments_info(self.catalog, query, _now_ms())
         elif path == "/v5/market/time":
