@@ -98,6 +98,13 @@ class Feed:
         self._books.pop(stream.topic, None)
         self.pool.unsubscribe([stream.topic])
 
+    def renumber(self, stream: Stream) -> None:
+        """Number `stream` under a new epoch of its own from here, keeping its state, seq and
+        upstream subscription (the node serves it outside the cluster's numbering)."""
+        codec = self._codecs.get(stream.topic)
+        if codec is not None:
+            codec.renumber()
+
     def seq(self, stream: Stream) -> int | None:
         codec = self._codecs.get(stream.topic)
         return None if codec is None else codec.seq
