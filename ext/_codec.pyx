@@ -503,6 +503,17 @@ cdef class _Codec:
         self._last = None
         self._clear()
 
+    def renumber(self, epoch=None) -> None:
+        """A new numbering from here, state and seq kept (a node that serves the stream on its
+        own, out of the cluster's line): the next Messages, and the snapshot, carry `epoch`."""
+        cdef Message last
+        self.epoch = new_epoch() if epoch is None else epoch
+        if self._last is not None:
+            last = <Message>self._last
+            self._last = Message(
+                last.stream_id, last.seq, last.type, last.ts, last.payload, last.frame, self.epoch
+            )
+
     cdef void _clear(self):
         pass
 
@@ -1221,6 +1232,11 @@ cdef class BookCodec(_Codec):
         if self._snap is None:
             self._snap = self._book_message()
         return self._snap
+
+    def renumber(self, epoch=None) -> None:
+        """A new numbering from here, the book and seq kept (see _Codec.renumber)."""
+        self.epoch = new_epoch() if epoch is None else epoch
+        self._snap = None
 
     def feed(self, frame) -> list:
         """Apply one Bybit orderbook frame; the Message it makes (none while the book is being

@@ -180,6 +180,7 @@ def upstream_settings(config: Config, ws_url: str) -> UpstreamSettings:
         url=ws_url,
         ping_interval=config.upstream_ping_interval,
         stale_after=config.upstream_stale_after,
+        max_frame_age=config.upstream_max_frame_age,
         max_topics_per_conn=config.upstream_topics_per_connection,
     )
 
@@ -194,6 +195,7 @@ def feed_figures(feed: Feed) -> dict[str, Any]:
         "streams": feed.stream_count,
         "messages_out": feed.messages_out,
         "codec_errors": feed.codec_errors,
+        "old_frames": feed.old_frames,
         "book_resyncs": dict(feed.resyncs),
         "codec": IMPLEMENTATION,
     }

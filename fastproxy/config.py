@@ -308,6 +308,13 @@ SETTINGS: tuple[Setting, ...] = (
         "(a quiet connection is pinged after half of it)",
     ),
     Setting(
+        "UPSTREAM_MAX_FRAME_AGE",
+        _seconds(allow_zero=True),
+        "5",
+        "seconds old (by its exchange timestamp) a Bybit frame may be and still count as live; "
+        "older frames mark the stream stale until fresh ones come (0: no check)",
+    ),
+    Setting(
         "UPSTREAM_TOPICS_PER_CONNECTION",
         _int_range(1),
         "200",
@@ -410,6 +417,7 @@ class Config:
     bybit_rest_url: str = ""
     upstream_ping_interval: float = 20.0
     upstream_stale_after: float = 3.0
+    upstream_max_frame_age: float = 5.0
     upstream_topics_per_connection: int = 200
     history_max_messages: int = 1000
     history_max_age: float = 30.0

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastproxy.feed")
 _wall_clock = time.time
 
+REASON_OLD = "upstream frames are {:.0f} s old"
+
 
 class _Unattached:
     """Where output goes before a bus attaches: nowhere (nothing is subscribed yet)."""
@@ -56,6 +58,11 @@ class Feed:
         self.lag: dict[str, Histogram] = {}
         self._lag_of: dict[str, Histogram] = {}
         self.resyncs = dict.fromkeys(RESYNC_REASONS, 0)  # books rebuilt, by reason
+        # Frame age: topics whose last frame was older than max_frame_age -> (reason, since);
+        # stale to their clients until a fresh frame comes (and the pool has them live)
+        self._max_age = settings.max_frame_age or float("inf")
+        self._old: dict[str, tuple[str, int]] = {}
+        self.old_frames = 0
         self._last_error_log = 0.0
         self._last_resync_log = 0.0
 
@@ -96,7 +103,15 @@ class Feed:
         self._codecs.pop(stream.topic, None)
         self._lag_of.pop(stream.topic, None)
         self._books.pop(stream.topic, None)
+        self._old.pop(stream.topic, None)
         self.pool.unsubscribe([stream.topic])
+
+    def renumber(self, stream: Stream) -> None:
+        """Number `stream` under a new epoch of its own from here, keeping its state, seq and
+        upstream subscription (the node serves it outside the cluster's numbering)."""
+        codec = self._codecs.get(stream.topic)
+        if codec is not None:
+            codec.renumber()
 
     def seq(self, stream: Stream) -> int | None:
         codec = self._codecs.get(stream.topic)
@@ -113,16 +128,35 @@ class Feed:
             stream.topic in self._streams
             and self.pool.topic_state(stream.topic) == "live"
             and stream.topic not in self.pool.stale
+            and stream.topic not in self._old
         )
 
     def freshness(self, stream: Stream) -> tuple[str, int] | None:
         """(reason, since epoch ms) while `stream`'s upstream makes it stale, else None."""
-        return self.pool.stale.get(stream.topic)
+        return self.pool.stale.get(stream.topic) or self._old.get(stream.topic)
 
     def _on_status(self, topic: str, reason: str | None, since: int) -> None:
         stream = self._streams.get(topic)
-        if stream is not None:
-            self._handler.status(stream, reason, since)
+        if stream is not None and not (reason is None and topic in self._old):
+            self._handler.status(stream, reason, since)  # (live stays for fresh frames)
+
+    def _aged(self, topic: str, lag: float, ts: int) -> None:
+        """A frame `lag` s old by its exchange timestamp: the stream is stale from here."""
+        self.old_frames += 1
+        if topic in self._old:
+            return
+        entry = self._old[topic] = (REASON_OLD.format(lag), ts)
+        stream = self._streams.get(topic)
+        if stream is not None and topic not in self.pool.stale:
+            self._handler.status(stream, *entry)
+        log.warning("upstream frames old", extra={"topic": topic, "age": round(lag, 1)})
+
+    def _fresh_again(self, topic: str) -> None:
+        if self._old.pop(topic, None) is None:
+            return
+        stream = self._streams.get(topic)
+        if stream is not None and topic not in self.pool.stale:
+            self._handler.status(stream, None, int(_wall_clock() * 1000))
 
     def _on_data(self, topic: str, frame: dict) -> None:
         codec = self._codecs.get(topic)
@@ -132,6 +166,11 @@ class Feed:
         if type(ts) is int:
             lag = _wall_clock() - ts * 0.001
             self._lag_of[topic].observe(lag if lag > 0.0 else 0.0)  # skewed clocks: 0
+            # old data must not pass for live: told stale before this frame's Messages go out
+            if lag > self._max_age:
+                self._aged(topic, lag, ts)
+            elif self._old:
+                self._fresh_again(topic)
         try:
             messages = codec.feed(frame)
         except CodecError as exc:
@@ -176,6 +215,7 @@ class Feed:
             self._handler.reset(self._streams[topic])
 
     def _on_failed(self, topic: str, reason: str) -> None:
+        self._old.pop(topic, None)
         stream = self._streams.pop(topic, None)
         self._codecs.pop(topic, None)
         self._lag_of.pop(topic, None)

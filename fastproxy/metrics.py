@@ -205,6 +205,11 @@ class ProxyCollector(Collector):
             "Malformed upstream frames dropped",
             value=s.get("feed", {}).get("codec_errors", 0),
         )
+        yield CounterMetricFamily(
+            "fastproxy_upstream_old_frames",
+            "Bybit frames older than UPSTREAM_MAX_FRAME_AGE (their streams marked stale)",
+            value=s.get("feed", {}).get("old_frames", 0),
+        )
         resyncs = CounterMetricFamily(
             "fastproxy_book_resyncs",
             "Order books rebuilt from a fresh exchange snapshot, by reason",

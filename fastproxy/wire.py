@@ -4,8 +4,9 @@ writes their frames. This module imports nothing of fastproxy, so all three can 
 
 Numbering: within a stream's `epoch` (an opaque string) `seq` is unique and rises by one per
 update. A new epoch starts whenever the numbering restarts (a codec created afresh on a node
-after the stream was released and acquired again); a new owner that takes a stream over in a
-cluster continues the stored seq and the stored epoch, so its clients see one line.
+after the stream was released and acquired again, or a cluster node serving it on its own); a
+new owner that takes a stream over in a cluster continues the stored epoch, past the stored seq
+(see fastproxy.bus.redis.roles.AHEAD_MAX), so its clients see one line.
 
 `Message` here is the pure-Python class; the Cython codec has a twin with the same constructor
 and fields (`fastproxy.codec.Message` is the one of the implementation in use).

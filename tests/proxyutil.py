@@ -189,3 +189,95 @@ class RawClient:
 
     def close(self) -> None:
         self.writer.transport.abort()
+
+
+class TcpRelay:
+    """A TCP relay on loopback between a node and its Redis, to act out a bad link: every chunk
+    can be held back `delay` seconds (each direction, order kept), or the link cut (every
+    connection closed, new ones closed at once) until `restore()`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.delay = 0.0
+        self.cut = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> TcpRelay:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, query: str = "") -> str:
+        return f"redis://127.0.0.1:{self.port}/0" + (f"?{query}" if query else "")
+
+    def cut_link(self) -> None:
+        self.cut = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.cut = False
+        self.delay = 0.0
+
+    async def stop(self) -> None:
+        self.cut_link()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst, (writer, up_writer)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        both: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while True:
+                due, chunk = await queue.get()
+                if not chunk:
+                    return
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                dst.write(chunk)
+                await dst.drain()
+
+        sender = asyncio.create_task(send())
+        try:
+            while True:
+                chunk = await src.read(65536)
+                queue.put_nowait((loop.time() + self.delay, chunk))
+                if not chunk:
+                    break
+            await sender
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sender.cancel()
+            for writer in both:
+                writer.transport.abort()
+                self._writers.discard(writer)

@@ -447,6 +447,11 @@ async def test_redis_restart_mid_stream(private_redis: PrivateRedis) -> None:  #
             assert_no_duplicate_and_jumps_marked(c.of(BTC))
             # no client was left without data for long, through outage and rejoin
             assert longest_silence(c, BTC, started) < 10
+            print(f"\nRedis restart: longest silence {longest_silence(c, BTC, started):.2f} s")
+        from tests.test_cluster_faults import assert_one_numbering
+
+        # what each node served alone was under an epoch of its own
+        assert_one_numbering(everyone, BTC)
 
 
 async def test_full_redis_is_a_defined_state_and_recovers(

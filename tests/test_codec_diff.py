@@ -320,3 +320,37 @@ def test_percent_codecs_agree(fraction: object) -> None:
 @given(st.binary(max_size=300) | st.integers(0, 70_000).map(lambda n: b"z" * n))
 def test_ws_text_frame_agrees(payload: bytes) -> None:
     assert cy_ws_text_frame(payload) == py_ws_text_frame(payload)
+
+
+@pytest.mark.skipif(CY_CODECS is None, reason="the Cython codec is not built")
+@pytest.mark.parametrize("kind", ["ticker", "orderbook"])
+def test_renumber_keeps_state_and_seq_under_a_new_epoch(kind: str) -> None:
+    """A node that serves a stream on its own renumbers it: same state and seq, a new epoch in
+    the snapshot and the next Messages, in both implementations alike."""
+    from fastproxy.streams import parse_stream_arg
+
+    stream = parse_stream_arg("ticker:BTCUSDT" if kind == "ticker" else "orderbook:50:BTCUSDT")
+    topic = stream.topic
+    if kind == "ticker":
+        first = {"topic": topic, "type": "snapshot", "ts": 1, "data": {"lastPrice": "1"}}
+        second = {"topic": topic, "type": "delta", "ts": 2, "data": {"lastPrice": "2"}}
+    else:
+        book = {"s": "BTCUSDT", "b": [["1", "1"]], "a": [["2", "1"]], "u": 1, "seq": 1}
+        first = {"topic": topic, "type": "snapshot", "ts": 1, "data": book, "cts": 1}
+        second = {
+            "topic": topic, "type": "delta", "ts": 2, "cts": 2,
+            "data": {**book, "b": [["1", "2"]], "a": [], "u": 2, "seq": 2},
+        }  # fmt: skip
+    for codecs in (CY_CODECS, PY_CODECS):
+        assert codecs is not None
+        codec = codecs[stream.kind](stream, 5, "e0")
+        codec.feed(first)
+        before = codec.snapshot()
+        codec.renumber()
+        assert codec.epoch != "e0" and codec.seq == 6
+        after = codec.snapshot()
+        assert (after.seq, after.epoch) == (before.seq, codec.epoch)
+        # the same state; a snapshot names its epoch
+        assert after.payload == before.payload.replace(b'"e0"', f'"{codec.epoch}"'.encode())
+        [message] = codec.feed(second)
+        assert message.seq == 7 and message.epoch == codec.epoch

@@ -389,3 +389,37 @@ def _get(port: int, path: str) -> bytes:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
         return response.read()
+
+
+async def test_old_upstream_frames_mark_the_stream_stale_until_fresh_ones_come() -> None:
+    """The exchange keeps sending, but its frames are stamped 8 s ago (a lagging exchange, a
+    queue on the way): the data must not pass for live."""
+    async with (
+        running_sim() as sim,
+        running_proxy(sim, upstream_max_frame_age=2.0) as app,
+        client(app) as ws,
+    ):
+        await subscribe(ws, "ticker:BTCUSDT")
+        rec = Recorder(ws)
+        await rec.wait_for(lambda m: m.get("type") == "update", 10, "an update")
+        assert rec.statuses() == []
+        sim.set_frame_age(8.0)
+        await rec.wait_for(is_status("stale"), 15, "stale")
+        stale = rec.statuses()[0][1]
+        assert stale["stream"] == TICKER
+        assert "upstream frames are" in stale["reason"] and "s old" in stale["reason"]
+        status, health = await http_json(app, "/health")
+        assert status == 503 and health["stale_streams"] == 1
+        metrics = (await asyncio.to_thread(_get, app.port, "/metrics")).decode()
+        old = [line for line in metrics.splitlines() if line.startswith("fastproxy_upstream_old")]
+        assert old and float(old[0].split()[-1]) > 0, old
+        # stale while the frames stay old, though they keep coming
+        count = len(rec.statuses())
+        await asyncio.sleep(1.0)
+        assert len(rec.statuses()) == count
+        sim.set_frame_age(0.0)
+        live_at = await rec.wait_for(is_status("live"), 15, "live")
+        assert rec.statuses()[-1][1]["state"] == "live"
+        await rec.wait_for(lambda m: m.get("type") == "update", 10, "updates again")
+        assert (await http_json(app, "/health"))[0] == 200
+        assert live_at > 0

@@ -60,6 +60,9 @@ class Source(Protocol):
 
     def remove(self, stream: Stream) -> None: ...
 
+    def renumber(self, stream: Stream) -> None:
+        """Number `stream` under a new epoch from here, keeping its state, seq, subscription."""
+
     def seq(self, stream: Stream) -> int | None:
         """The last seq made for `stream`, None when it is not subscribed."""
 

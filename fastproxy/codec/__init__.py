@@ -76,6 +76,10 @@ class Codec(Protocol):
         """Upstream state is gone; the next Message out is a snapshot."""
         ...
 
+    def renumber(self, epoch: str | None = None) -> None:
+        """A new numbering (`epoch`, None: a fresh one) from here; state and seq are kept."""
+        ...
+
 
 if _ext is not None:
     CyTickerCodec = _ext.TickerCodec

@@ -174,6 +174,11 @@ class PyBookCodec:
         """Upstream state is gone (reconnect): drop the book and wait for the next snapshot."""
         self._drop()
 
+    def renumber(self, epoch: str | None = None) -> None:
+        """A new numbering from here, the book and seq kept (see the ticker codec's)."""
+        self.epoch = new_epoch() if epoch is None else epoch
+        self._snap = None
+
     def take_resync(self) -> tuple[str, bool]:
         """The pending resync's reason and whether the topic must be subscribed again; clears it."""
         reason, again = self.resync, self._resubscribe
@@ -397,6 +402,13 @@ class PyLiquidationCodec:
     def reset(self) -> None:
         self._fresh = True
         self._last = None
+
+    def renumber(self, epoch: str | None = None) -> None:
+        """A new numbering from here, the last events and seq kept."""
+        self.epoch = new_epoch() if epoch is None else epoch
+        if self._last is not None:
+            m = self._last
+            self._last = Message(m.stream_id, m.seq, m.type, m.ts, m.payload, m.frame, self.epoch)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.stream!r}, seq={self.seq})"

@@ -60,6 +60,13 @@ def _frame_parts(frame: Any, data_type: type) -> tuple[Any, int]:
     return data, check_ms(frame.get("ts"), "ts")
 
 
+def _with_epoch(message: Message | None, epoch: str) -> Message | None:
+    if message is None:
+        return None
+    m = message
+    return Message(m.stream_id, m.seq, m.type, m.ts, m.payload, m.frame, epoch)
+
+
 class _PyCodec:
     __slots__ = ("_fresh", "_last", "_stream_id", "epoch", "seq", "stream")
 
@@ -90,6 +97,12 @@ class _PyCodec:
 
     def _clear(self) -> None:
         return None
+
+    def renumber(self, epoch: str | None = None) -> None:
+        """A new numbering from here, state and seq kept (a node that serves the stream on its
+        own, out of the cluster's line): the next Messages, and the snapshot, carry `epoch`."""
+        self.epoch = new_epoch() if epoch is None else epoch
+        self._last = _with_epoch(self._last, self.epoch)
 
     def _message(self, seq: int, mtype: str, ts: int, data: Any) -> Message:
         payload = _dumps(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import defaultdict, deque
 from collections.abc import Mapping
@@ -59,6 +60,14 @@ _REFUSAL_BODY = {
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+_TS = re.compile(rb'"ts":(\d+)')
+
+
+def _aged(frame: bytes, age_ms: int) -> bytes:
+    """The frame with its `ts` moved `age_ms` into the past."""
+    return _TS.sub(lambda m: b'"ts":' + str(int(m.group(1)) - age_ms).encode(), frame, count=1)
 
 
 class _Peer:
@@ -150,6 +159,7 @@ class Simulator:
         self.handshake_attempts = 0
         self.half_dead = False
         self.pong_delay = 0.0
+        self.frame_age_ms = 0  # data frames stamped this far in the past (a lagging exchange)
         self.snapshot_before_ack = cfg.snapshot_before_ack
         self._refuse_status: int | None = None
         self._refuse_remaining: int | None = None
@@ -280,6 +290,11 @@ class Simulator:
             for conn in self._conns:
                 conn.last_activity = now
         self.half_dead = on
+
+    def set_frame_age(self, seconds: float) -> None:
+        """Stamp every data frame `seconds` in the past from now on (0: stamp them now), as an
+        exchange whose data reaches us late does."""
+        self.frame_age_ms = max(0, int(seconds * 1000))
 
     def set_pong_delay(self, seconds: float) -> None:
         self.pong_delay = max(0.0, float(seconds))
@@ -641,6 +656,8 @@ class Simulator:
         subs = self._subs.get((feed.ref.category, feed.topic))
         if not subs:
             return
+        if self.frame_age_ms:
+            frames = [_aged(frame, self.frame_age_ms) for frame in frames]
         for conn in subs:
             if conn.closed or conn.transport is None:
                 continue

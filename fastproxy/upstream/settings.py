@@ -17,6 +17,9 @@ class UpstreamSettings:
     # streams marked stale. A connection quiet for half of it is probed with an early ping, so
     # a healthy one carrying only quiet topics answers in time and is never marked stale.
     stale_after: float = 3.0
+    # A frame whose exchange timestamp is older than this marks its stream stale (0: no check):
+    # the exchange (or a queue on the way) is behind, and old data must not pass for live.
+    max_frame_age: float = 5.0
     max_topics_per_conn: int = 200
     # Bybit: "args" of one public connection may not exceed 21,000 characters.
     max_args_chars_per_conn: int = 21000
@@ -72,6 +75,8 @@ class UpstreamSettings:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_frame_age < 0:
+            raise ValueError("max_frame_age must be >= 0")
         if self.empty_conn_linger < 0:
             raise ValueError("empty_conn_linger must be >= 0")
         if self.backoff_cap < self.backoff_base:

@@ -22,6 +22,7 @@ class FakeFeed:
         self.fresh: set[str] = set()
         self.adds: list[tuple[str, int]] = []
         self.removes: list[str] = []
+        self.renumbered: list[str] = []
         self.handler: Any = None
 
     def attach(self, handler: Any) -> None:
@@ -52,6 +53,11 @@ class FakeFeed:
             self.epochs.pop(stream.topic)
             self.fresh.discard(stream.topic)
             self.removes.append(stream.stream_id)
+
+    def renumber(self, stream: Stream) -> None:
+        if stream.topic in self.streams:
+            self.epochs[stream.topic] = new_epoch()
+            self.renumbered.append(stream.stream_id)
 
     def seq(self, stream: Stream) -> int | None:
         return self.seqs.get(stream.topic)

@@ -26,6 +26,7 @@ from fastproxy.bus.redis.roles import (
     BUFFER_MAX,
     FEED_ADD,
     FEED_REMOVE,
+    FEED_RENUMBER,
     FETCH,
     FOLLOWER,
     LOCAL,
@@ -313,9 +314,48 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
         [1],
     ),
     "Redis drops while owning: the owner serves its own clients, publishes nothing": (
-        [*OWNING, ("redis_down", (), []), ("feed", (msg(11), 99.0), None)],
+        [*OWNING, ("redis_down", (), [(FEED_RENUMBER, S)]), ("feed", (msg(11), 99.0), None)],
         LOCAL,
         [11],
+    ),
+    "Redis drops while owning: the line goes under an epoch of its own, from a snapshot": (
+        [
+            *OWNING,
+            ("feed", (msg(11), 0.5), PUBLISH),
+            ("redis_down", (), [(FEED_RENUMBER, S)]),
+            ("feed", (msg(12), 0.6), None),
+            ("feed", (msg(13), 0.7), None),
+        ],
+        LOCAL,
+        [11, 12, 13],
+    ),
+    "back from an owner's local line, another node numbered the cluster's: we restart past it": (
+        [
+            *OWNING,
+            ("feed", (msg(11), 0.5), PUBLISH),
+            ("redis_down", (), [(FEED_RENUMBER, S)]),
+            ("feed", (msg(12), 0.6), None),
+            UP,
+            (
+                "held_result",
+                (SID, ME, 40, "e0", 9.0, 12),
+                [(FEED_REMOVE, S), (FEED_ADD, S, 40, "e0"), live(9.0)],
+            ),
+        ],
+        OWNER,
+        [11, 12],
+    ),
+    "back from an owner's local line that is ahead: its own epoch continues": (
+        [
+            *OWNING,
+            ("feed", (msg(11), 0.5), PUBLISH),
+            ("redis_down", (), [(FEED_RENUMBER, S)]),
+            ("feed", (msg(12), 0.6), None),
+            UP,
+            ("held_result", (SID, ME, 11, "e0", 9.0, 12), [live(9.0)]),
+        ],
+        OWNER,
+        [11, 12],
     ),
     "Redis drops: an owner nobody here holds stops upstream and forgets": (
         [
@@ -328,7 +368,7 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
         [],
     ),
     "Redis down twice is one outage": (
-        [*OWNING, ("redis_down", (), []), ("redis_down", (), [])],
+        [*OWNING, ("redis_down", (), [(FEED_RENUMBER, S)]), ("redis_down", (), [])],
         LOCAL,
         [],
     ),
@@ -430,7 +470,7 @@ CASES: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], str, list[int]]] 
         [10],
     ),
     "ready for a resume: an owner at once, nobody while Redis is down": (
-        [*OWNING, ("ready", (SID,), True), ("redis_down", (), []), ("ready", (SID,), False)],
+        [*OWNING, ("ready", (SID,), True), ("redis_down", (), ANY), ("ready", (SID,), False)],
         LOCAL,
         [],
     ),
@@ -458,7 +498,7 @@ def run_steps(roles: Roles, steps: list[tuple[str, tuple[Any, ...], Any]]) -> No
 def test_transition(name: str) -> None:
     steps, role, seqs = CASES[name]
     hub = Recorder()
-    roles = Roles(ME, Delivery(hub), LEASE)
+    roles = Roles(ME, Delivery(hub), LEASE, ahead=0)
     run_steps(roles, steps)
     state = roles.states.get(SID)
     assert (GONE if state is None else state.role) == role
@@ -468,8 +508,72 @@ def test_transition(name: str) -> None:
         assert first.type == "snapshot"  # whatever a hub gets first for a stream is a snapshot
 
 
+def test_an_owner_serving_alone_gives_its_clients_a_snapshot_of_the_new_line() -> None:
+    hub = Recorder()
+    roles = Roles(ME, Delivery(hub), LEASE, ahead=0)
+    run_steps(roles, [*OWNING, ("feed", (msg(11), 0.5), PUBLISH)])
+    assert roles.redis_down() == [(FEED_RENUMBER, S)]
+    # the feed renumbered: its next Message is seq 12 of another epoch, a new line for clients
+    roles.feed_message(make_message(S, 12, epoch="local"), 0.6)
+    roles.feed_message(make_message(S, 13, epoch="local"), 0.7)
+    got = hub.got[SID]
+    assert [(m.seq, m.type, m.epoch) for m in got] == [
+        (11, "snapshot", "e1"),
+        (12, "snapshot", "local"),
+        (13, "update", "local"),
+    ]
+
+
+AHEAD = 100  # a small AHEAD_MAX, so the seqs stay readable
+
+
+@pytest.mark.parametrize(
+    ("steps", "seqs"),
+    [
+        # a node continuing the stored line starts AHEAD past it: the last owner may have
+        # served its own clients seqs it never got to publish
+        ([*OWNING[:2], ("held_result", (SID, ME, 10, "e0", 0.0), ANY)], []),
+        # an owner never gets AHEAD past what the cluster stored: it withholds until it stores
+        (
+            [
+                *OWNING[:2],
+                ("held_result", (SID, ME, 10, "e0", 0.0), ANY),
+                ("feed", (msg(111), 0.1), PUBLISH),
+                ("feed", (msg(210), 0.2), PUBLISH),
+                ("feed", (msg(211), 0.3), SYNC),
+                ("published", (SID, 111), None),
+                ("feed", (msg(211), 0.4), PUBLISH),
+            ],
+            [111, 210, 211],
+        ),
+        # a new epoch (nothing stored to continue) starts where it is, with no jump
+        ([*OWNING[:2], ("held_result", (SID, ME, 0, "", 0.0), ANY)], []),
+    ],
+)
+def test_a_new_owner_starts_past_what_the_last_one_may_have_served(
+    steps: list[Any], seqs: list[int]
+) -> None:
+    hub = Recorder()
+    feed: list[Any] = []
+    roles = Roles(ME, Delivery(hub), LEASE, ahead=AHEAD)
+    for event, args, expected in steps:
+        if event == "feed":
+            got: Any = roles.feed_message(*args)
+        else:
+            got = getattr(roles, event)(*args)
+        if event == "held_result":
+            feed += [a for a in got if a[0] is FEED_ADD]
+        if expected is not ANY:
+            assert got == expected, f"{event}{args!r}"
+    assert hub.seqs(S) == seqs
+    if steps[-1][0] == "held_result":
+        stored_seq, stored_epoch = steps[-1][1][2:4]
+        start = stored_seq + AHEAD if stored_epoch else stored_seq
+        assert feed == [(FEED_ADD, S, start, stored_epoch or None)]
+
+
 def test_withheld_messages_are_counted() -> None:
-    roles = Roles(ME, Delivery(Recorder()), LEASE)
+    roles = Roles(ME, Delivery(Recorder()), LEASE, ahead=0)
     for event, args, _ in OWNING:
         getattr(roles, event)(*args)
     for seq in range(11, 14):
@@ -479,7 +583,7 @@ def test_withheld_messages_are_counted() -> None:
 
 def test_rejections_reach_the_hub() -> None:
     hub = Recorder()
-    roles = Roles(ME, Delivery(hub), LEASE)
+    roles = Roles(ME, Delivery(hub), LEASE, ahead=0)
     for event, args, _ in FOLLOWING:
         getattr(roles, event)(*args)
     roles.channel_data(SID, REJECT)
@@ -489,7 +593,7 @@ def test_rejections_reach_the_hub() -> None:
 
 def test_a_follower_buffer_is_bounded() -> None:
     hub = Recorder()
-    roles = Roles(ME, Delivery(hub), LEASE)
+    roles = Roles(ME, Delivery(hub), LEASE, ahead=0)
     for event, args, _ in [UP, HOLD, FOLLOW, *SUBSCRIBED]:
         getattr(roles, event)(*args)
     for seq in range(11, 11 + BUFFER_MAX + 10):
@@ -532,7 +636,7 @@ FRESHNESS: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], list[int], li
         [],
     ),
     "no beats while Redis is down": (
-        [*OWNING, ("redis_down", (), []), ("tick", (5.0, never_live), [])],
+        [*OWNING, ("redis_down", (), ANY), ("tick", (5.0, never_live), [])],
         [],
         [],
     ),
@@ -645,7 +749,7 @@ FRESHNESS: dict[str, tuple[list[tuple[str, tuple[Any, ...], Any]], list[int], li
 def test_freshness(name: str) -> None:
     steps, seqs, statuses = FRESHNESS[name]
     hub = Recorder()
-    roles = Roles(ME, Delivery(hub), LEASE)
+    roles = Roles(ME, Delivery(hub), LEASE, ahead=0)
     run_steps(roles, steps)
     assert hub.seqs(S) == seqs
     assert hub.statuses == statuses
@@ -653,7 +757,7 @@ def test_freshness(name: str) -> None:
 
 def test_a_forgotten_stream_is_not_watched() -> None:
     hub = Recorder()
-    roles = Roles(ME, Delivery(hub), LEASE)
+    roles = Roles(ME, Delivery(hub), LEASE, ahead=0)
     run_steps(roles, [*FOLLOWING, WATCHED, ("release", (S,), ANY), ("forget", (SID,), None)])
     assert roles.tick(SILENCE * 2, never_live) == []
     assert roles.watch.silent_count == 0
@@ -755,7 +859,7 @@ def test_book_copy(name: str) -> None:
     hub = Recorder()
     roles: Roles
     delivery = Delivery(hub, state=lambda stream: roles.follower_book(stream.stream_id))
-    roles = Roles(ME, delivery, LEASE)
+    roles = Roles(ME, delivery, LEASE, ahead=0)
     run_steps(roles, steps)
     assert hub.seqs(B) == seqs
     got = hub.got.get(BSID, [])

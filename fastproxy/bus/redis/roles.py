@@ -18,7 +18,9 @@ the lease it last renewed is still valid by this node's own clock (a node that w
 cut off may have lost it, and then delivers nothing until a renewal is confirmed).
 FOLLOWER: delivers what the channel carries, behind the stored snapshot (the channel's
 Messages wait in a buffer until the subscription is confirmed and the snapshot fetched).
-LOCAL: Redis is unreachable: subscribed upstream for this node's clients only.
+LOCAL: Redis is unreachable: subscribed upstream for this node's clients only, numbered under
+an epoch of its own (a FOLLOWER starts a new line, an OWNER renumbers its line), so no
+(epoch, seq) this node serves alone can be one another node gives other data.
 
 Delta streams (books): a follower keeps its own copy of the book (`book`), fed with every
 Message it delivers, so its late joiners get the whole book; an update that does not follow
@@ -67,6 +69,7 @@ LOCAL = "local"  # Redis is unreachable: subscribed upstream for its own clients
 # Actions: tuples whose first item is one of these.
 FEED_ADD = "feed_add"  # (FEED_ADD, stream, seq, epoch or None): subscribe upstream
 FEED_REMOVE = "feed_remove"  # (FEED_REMOVE, stream): unsubscribe upstream
+FEED_RENUMBER = "feed_renumber"  # (FEED_RENUMBER, stream): a new epoch, subscription kept
 SYNC = "sync"  # (SYNC, sid): run the stream's hold or leave script at the next pass
 FETCH = "fetch"  # (FETCH, sid): read the stored snapshot
 PUBLISH = "publish"  # (PUBLISH, sid, marker triple): a control marker for the channel
@@ -75,6 +78,13 @@ UNSUBSCRIBE = "unsubscribe"  # (UNSUBSCRIBE, sid): close it
 OWNER_SILENT = "owner_silent"  # (OWNER_SILENT, sid): told stale, its owner is silent (a log)
 
 BUFFER_MAX = 4096  # channel Messages held while the snapshot is fetched
+# An owner delivers to its own clients before its publish is confirmed, so when it is cut off
+# (a frozen process, a broken link) it may have served seqs the cluster never stored. It never
+# gets more than AHEAD_MAX past its last confirmed publish (it withholds beyond), and a node that
+# continues the stored line starts AHEAD_MAX past the stored seq: the seqs an owner served
+# unpublished are never given other data. (Seqs are 64-bit; the jump is a snapshot to clients.)
+AHEAD_MAX = 100_000
+_NO_LIMIT = 2**63
 
 Action = tuple[Any, ...]
 
@@ -98,6 +108,7 @@ class StreamRole:
         "force",
         "held",
         "lease_until",
+        "limit",
         "rebase",
         "reject_reason",
         "role",
@@ -117,6 +128,7 @@ class StreamRole:
         self.force = False  # give the lease up at the next pass (we hold it without a feed)
         self.reject_reason: str | None = None
         self.lease_until = 0.0  # OWNER: our clock's latest moment the lease is surely ours
+        self.limit = 0  # OWNER: the last seq it may deliver before more is stored (AHEAD_MAX)
         # a follower's copy of a delta stream's state (a book), fed with every Message it
         # delivers, so that its own late joiners get the whole book; None: not known here
         self.book: Any = None
@@ -131,8 +143,10 @@ class Roles:
         delivery: Delivery,
         lease: float,
         wall_ms: Callable[[float], int] = lambda now: int(now * 1000),
+        ahead: int = AHEAD_MAX,
     ) -> None:
         self.node = node
+        self.ahead = ahead  # AHEAD_MAX; 0: no bound and no jump (the table tests' small seqs)
         self.delivery = delivery
         self.lease = lease
         self.wall_ms = wall_ms  # a monotonic time (as events give `now`) as epoch ms
@@ -216,9 +230,10 @@ class Roles:
             return None
         role = st.role
         if role is OWNER:
-            if now >= st.lease_until:
+            if now >= st.lease_until or message.seq > st.limit:
                 # frozen or cut off past the lease: another node may own the stream and number
-                # it; nothing goes out until a renewal is confirmed
+                # it; nothing goes out until a renewal is confirmed (or, far ahead of what the
+                # cluster stored, until it stores more: see AHEAD_MAX)
                 self.unconfirmed += 1
                 return SYNC
             if self.delivery.deliver(message) and self.healthy:
@@ -227,6 +242,12 @@ class Roles:
         elif role is LOCAL:
             self.delivery.deliver(message)
         return None
+
+    def published(self, sid: str, seq: int) -> None:
+        """The cluster stored our publish of the stream's Messages up to `seq`."""
+        st = self.states.get(sid)
+        if st is not None and st.role is OWNER and seq + self.ahead > st.limit:
+            st.limit = seq + self.ahead
 
     def feed_reset(self, stream: Stream) -> list[Action]:
         self.delivery.reset(stream)
@@ -543,6 +564,12 @@ class Roles:
             st.reject_reason = None
             st.rebase = False
             if st.held:
+                if st.role is OWNER:
+                    # The cluster's line (epoch, seq) may be continued by another node from
+                    # what was stored while we cannot tell it what we number: what this node
+                    # serves alone goes under an epoch of its own (its clients get a snapshot)
+                    actions.append((FEED_RENUMBER, st.stream))
+                    self.delivery.rebase(st.sid)
                 actions += self._own_locally(st)
             else:
                 if st.role is OWNER:
@@ -579,6 +606,8 @@ class Roles:
         # exactly keeps its epoch too; going past it starts a new one.
         base = max(stored_seq, self.delivery.last_seq(st.sid) or 0)
         epoch = stored_epoch if stored_epoch and base == stored_seq else None
+        if epoch is not None:
+            base += self.ahead  # past anything the last owner served unpublished
         actions: list[Action] = []
         if st.role is LOCAL:
             if feed_seq is None:
@@ -591,6 +620,10 @@ class Roles:
             actions.append((FEED_ADD, st.stream, base, epoch))
         st.role = OWNER
         st.buffer = None
+        # what our line continues from counts as stored: a local line ahead of the stored seq
+        # is in this node's own epoch, which nobody else numbers
+        start = base if feed_seq is None else max(base, feed_seq)
+        st.limit = start + self.ahead if self.ahead else _NO_LIMIT
         self.leases_won += 1
         log.info("stream owner: this node", extra={"stream": st.sid, "seq": base})
         if self.healthy:  # whatever freshness the last owner stored is not ours

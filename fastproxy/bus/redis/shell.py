@@ -60,6 +60,7 @@ from fastproxy.bus.redis.pubsub import Channels, within
 from fastproxy.bus.redis.roles import (
     FEED_ADD,
     FEED_REMOVE,
+    FEED_RENUMBER,
     FETCH,
     FOLLOWER,
     LOCAL,
@@ -316,6 +317,8 @@ class RedisBus:
                 self._feed.add(action[1], action[2], action[3])
             elif kind is FEED_REMOVE:
                 self._feed.remove(action[1])
+            elif kind is FEED_RENUMBER:
+                self._feed.renumber(action[1])
             elif kind is FETCH:
                 self._fetch.add(action[1])
                 self._wake.set()
@@ -617,6 +620,9 @@ class RedisBus:
                 raise result
             elif result == 1:
                 self.published += len(items)
+                last = [item.seq for item in items if isinstance(item, Message)]
+                if last:
+                    self._roles.published(sid, max(last))
             else:
                 # fenced: another node has the lease; the control task finds out and follows
                 self.publish_fenced += len(items)
