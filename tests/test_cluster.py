@@ -454,25 +454,53 @@ async def test_redis_restart_mid_stream(private_redis: PrivateRedis) -> None:  #
         assert_one_numbering(everyone, BTC)
 
 
-async def test_full_redis_is_a_defined_state_and_recovers(
+async def _fill_redis(admin: Redis) -> None:
+    await admin.config_set("maxmemory", "1")  # below its use: every write is refused (OOM)
+
+
+async def _unfill_redis(admin: Redis) -> None:
+    await admin.config_set("maxmemory", "0")
+
+
+async def _make_replica(admin: Redis) -> None:
+    # a replica of a master that is not there: it serves reads, refuses writes with READONLY
+    await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+
+
+async def _make_primary(admin: Redis) -> None:
+    await admin.execute_command("REPLICAOF", "NO", "ONE")
+
+
+# fault name -> (start it, end it, what /health's reason names)
+REFUSALS = {
+    "full": (_fill_redis, _unfill_redis, "maxmemory"),
+    "readonly": (_make_replica, _make_primary, "ReadOnlyError"),
+}
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+async def test_a_refusing_redis_is_a_defined_state_and_recovers(
     private_redis: PrivateRedis,  # noqa: F811
+    refusal: str,
 ) -> None:
-    """Redis at maxmemory (noeviction) refuses every bus write: each node says so in /health and
-    serves its own clients, and the cluster comes back to one owner when Redis has room again."""
+    """Redis at maxmemory (noeviction), or turned into a read-only replica, refuses every bus
+    write: each node says so in /health and serves its own clients under an epoch of its own,
+    and the cluster comes back to one owner when Redis takes writes again."""
+    from tests.test_cluster_faults import assert_one_numbering
+
+    start_fault, end_fault, named = REFUSALS[refusal]
     url = unique_url(private_redis.url, ttl=3)
     admin = Redis.from_url(private_redis.url)
     async with running_sim() as sim, proxies(sim, url, 3) as nodes, clients(nodes, 1) as everyone:
         for c in everyone:
             await c.subscribe("ticker:BTCUSDT")
         await until(lambda: all(len(c.of(BTC)) >= 20 for c in everyone), 60, "data everywhere")
-        await admin.config_set("maxmemory", "1")  # below its use: every write is refused (OOM)
+        await start_fault(admin)
         try:
 
             async def all_degraded() -> bool:
                 answers = [await n.http("/health") for n in nodes]
-                return all(
-                    code == 503 and "maxmemory" in b.get("reason", "") for code, b in answers
-                )
+                return all(code == 503 and named in b.get("reason", "") for code, b in answers)
 
             await until_async(all_degraded, 30, "every node to report Redis refusing writes")
             counts = [len(c.of(BTC)) for c in everyone]
@@ -481,10 +509,10 @@ async def test_full_redis_is_a_defined_state_and_recovers(
                     len(c.of(BTC)) >= n + 20 for c, n in zip(everyone, counts, strict=True)
                 ),
                 30,
-                "every node's clients served while Redis is full",
+                "every node's clients served while Redis refuses writes",
             )
         finally:
-            await admin.config_set("maxmemory", "0")
+            await end_fault(admin)
         try:
 
             async def all_healthy() -> bool:
@@ -504,6 +532,7 @@ async def test_full_redis_is_a_defined_state_and_recovers(
             assert sorted(b["streams_owned"] for b in buses) == [0, 0, 1]
             for c in everyone:
                 assert_no_duplicate_and_jumps_marked(c.of(BTC))
+            assert_one_numbering(everyone, BTC)
         finally:
             await admin.aclose()
 

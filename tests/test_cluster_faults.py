@@ -52,8 +52,12 @@ def assert_one_numbering(everyone: list[Client], stream: str) -> int:
     shared = 0
     for c in everyone:
         last: dict[str, int] = {}
-        for epoch, seq, body in numbered(c, stream):
-            assert seq > last.get(epoch, -1), f"seq went back in epoch {epoch}: {seq}"
+        line = numbered(c, stream)
+        for epoch, seq, body in line:
+            assert seq > last.get(epoch, -1), (
+                f"seq went back in epoch {epoch}: {seq} after {last[epoch]}; the client got "
+                + " ".join(f"{m['type'][0]}{m['seq']}@{m.get('epoch', '')[:4]}" for m in c.of(stream))
+            )
             last[epoch] = seq
             known = seen.setdefault((epoch, seq), body)
             if known != body:

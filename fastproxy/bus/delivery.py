@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 
 
 class _Line:
-    __slots__ = ("delta", "held", "last", "resync")
+    __slots__ = ("delta", "held", "last", "resync", "ts")
 
     def __init__(self) -> None:
         self.held = False  # local clients hold the stream: deliveries go to the handler
         self.last: int | None = None  # last seq delivered (or accepted, when not held)
+        self.ts = 0  # exchange ms of the last Message delivered (kept across rebase)
         self.resync = False  # the next delivery is a snapshot whatever its seq
         self.delta: Stream | None = None  # a delta stream's Stream (its updates are partial)
 
@@ -91,6 +92,12 @@ class Delivery:
         line = self._lines.get(stream_id)
         return None if line is None else line.last
 
+    def last_ts(self, stream_id: str) -> int:
+        """Exchange ms of the newest Message delivered for the stream, in any seq line (0:
+        none): state older than this is not news to the hub."""
+        line = self._lines.get(stream_id)
+        return 0 if line is None else line.ts
+
     def holds(self, stream_id: str) -> bool:
         line = self._lines.get(stream_id)
         return line is not None and line.held
@@ -117,6 +124,7 @@ class Delivery:
                 self.gaps += 1
             line.resync = False
         line.last = seq
+        line.ts = message.ts
         if line.held and self._handler is not None:
             self._handler.deliver(message)
         return True

@@ -524,6 +524,32 @@ def test_an_owner_serving_alone_gives_its_clients_a_snapshot_of_the_new_line() -
     ]
 
 
+def test_back_in_the_cluster_a_stored_state_older_than_what_was_served_alone_is_skipped() -> None:
+    """Redis refused writes, so what it stores is older than what this node served alone; a
+    new owner (whose own line is ahead) has not stored its state yet. The follower must not
+    hand its clients that old state: the owner's next Message comes as the snapshot."""
+    hub = Recorder()
+    roles = Roles(ME, Delivery(hub), LEASE, ahead=0)
+    run_steps(roles, [*OWNING, ("feed", (msg(20), 0.5), PUBLISH)])
+    roles.redis_down()
+    for seq in range(21, 58):
+        roles.feed_message(make_message(S, seq, epoch="alone"), 0.6)
+    roles.redis_up()
+    run_steps(
+        roles,
+        [
+            ("held_result", (SID, OTHER, 20, "e1", 1.0), [(FEED_REMOVE, S)]),
+            *SUBSCRIBED,
+            ("fetched", (SID, blob(20)), []),
+            ("chan", (SID, encode_message(make_message(S, 59, epoch="owner"))), []),
+        ],
+    )
+    got = [(m.seq, m.type, m.epoch) for m in hub.got[SID]]
+    assert got[-1] == (59, "snapshot", "owner")
+    assert (20, "snapshot", "e1") not in got[2:]  # never the old stored state again
+    assert [seq for seq, _, _ in got] == sorted(seq for seq, _, _ in got)
+
+
 AHEAD = 100  # a small AHEAD_MAX, so the seqs stay readable
 
 

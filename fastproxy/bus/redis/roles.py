@@ -520,7 +520,10 @@ class Roles:
         if blob:
             kept = decode_message(sid, blob)
             last = delivery.last_seq(sid)
-            if last is None or kept.seq > last:
+            # A stored state older (by the exchange's clock) than what this node already served
+            # is stale: a new owner has not stored its own yet (after Redis refused writes, say).
+            # The owner's next Message on the channel comes as the snapshot instead.
+            if (last is None or kept.seq > last) and kept.ts >= delivery.last_ts(sid):
                 delivery.resync(sid)
                 actions += self._follow(st, kept)
         for message in buffered:
