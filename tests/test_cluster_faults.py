@@ -52,11 +52,11 @@ def assert_one_numbering(everyone: list[Client], stream: str) -> int:
     shared = 0
     for c in everyone:
         last: dict[str, int] = {}
-        line = numbered(c, stream)
-        for epoch, seq, body in line:
+        line_of = c.of(stream)
+        for epoch, seq, body in numbered(c, stream):
             assert seq > last.get(epoch, -1), (
                 f"seq went back in epoch {epoch}: {seq} after {last[epoch]}; the client got "
-                + " ".join(f"{m['type'][0]}{m['seq']}@{m.get('epoch', '')[:4]}" for m in c.of(stream))
+                + " ".join(f"{m['type'][0]}{m['seq']}@{m.get('epoch', '')[:4]}" for m in line_of)
             )
             last[epoch] = seq
             known = seen.setdefault((epoch, seq), body)
