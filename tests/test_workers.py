@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -34,7 +34,7 @@ from tests.proxyutil import running_sim
 from tests.test_books_e2e import STREAM as BOOK_STREAM
 from tests.test_books_e2e import TOPIC as BOOK_TOPIC
 from tests.test_client import record_trades
-from tests.test_cluster import Client, Proxy, until, until_async
+from tests.test_cluster import Client, Proxy, shared_url, until, until_async  # noqa: F401
 from tests.test_cluster_books import ARG as BOOK_ARG
 from tests.test_cluster_books import checker, replay
 from tests.test_cluster_bus import (  # noqa: F401 (a fixture)
@@ -424,14 +424,20 @@ async def test_with_redis_the_machine_is_one_node_and_one_redis_client(
             other.stop()
 
 
-async def test_a_client_of_a_killed_worker_resumes_on_another_and_misses_no_trade() -> None:
-    """The machine's history lives in the feed process, so a client whose worker was killed
-    resumes on the worker it reconnects to and gets every trade exactly once, no gap."""
+@pytest.mark.parametrize("bus", ["alone", "redis"])
+async def test_a_client_of_a_killed_worker_resumes_on_another_and_misses_no_trade(
+    bus: str,
+    shared_url: Callable[..., str],  # noqa: F811
+) -> None:
+    """The machine's history lives in the feed process (alone) or in Redis (a cluster), so a
+    client whose worker was killed resumes on the worker it reconnects to and gets every trade
+    exactly once, no gap."""
+    extra = ["--redis-url", shared_url()] if bus == "redis" else []
     async with (
         running_sim(trade_rate=40.0) as sim,
         # the linger keeps the stream upstream while its only client is away (on a real node
         # other clients do that), so that there is something to resume
-        node_of(sim, 2, "--unsubscribe-linger", "10") as node,
+        node_of(sim, 2, "--unsubscribe-linger", "10", *extra) as node,
     ):
         sent = record_trades(sim, "BTCUSDT")
         received: list[str] = []
